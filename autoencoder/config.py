@@ -1,0 +1,73 @@
+"""Typed configuration of the KL autoencoder (the "ddconfig" of the original code, plus embed_dim)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError
+
+
+@dataclass
+class AutoencoderConfig:
+    """Architecture of an `AutoencoderKL`; field names follow the original `ddconfig`.
+
+    The downsampling factor is f = 2 ** (len(ch_mult) - 1). `scale_factor` multiplies latents
+    before diffusion (0.18215 for Stable Diffusion; 1/std of the latents for a new autoencoder,
+    see `tools/compute_scale_factor.py`).
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    in_channels: int = 3
+    out_ch: int = 3
+    resolution: int = 256
+    z_channels: int = 4
+    embed_dim: int = 4
+    dropout: float = 0.0
+    double_z: bool = True
+    scale_factor: float = 0.18215
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        if not self.ch_mult:
+            raise InputError("autoencoder config: ch_mult must name at least one level, e.g. [1, 2, 4, 4]")
+        for name in ("ch", "num_res_blocks", "in_channels", "out_ch", "z_channels", "embed_dim"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"autoencoder config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
+            raise InputError(
+                f"autoencoder config: ch={self.ch} x ch_mult={list(self.ch_mult)} must give channel counts "
+                "divisible by 32 (GroupNorm uses 32 groups); use ch = 32, 64, 128, ...")
+        if not self.double_z:
+            raise InputError("autoencoder config: double_z must be true for a KL autoencoder (mean and logvar)")
+        if self.scale_factor <= 0:
+            raise InputError(f"autoencoder config: scale_factor must be > 0, got {self.scale_factor}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ch_mult"] = list(self.ch_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
+        """Build from our dict or an original `ddconfig` (extra original-only keys are refused by name)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Original ddconfig keys we accept only at the value every SD first stage uses.
+        fixed = {"resamp_with_conv": True, "attn_type": "vanilla", "use_linear_attn": False,
+                 "give_pre_end": False, "tanh_out": False}
+        unknown = sorted(set(d) - known - set(fixed))
+        if unknown:
+            raise InputError(f"autoencoder config: unknown keys {unknown}; valid keys are {sorted(known)}")
+        for key, value in fixed.items():
+            if key in d and d[key] != value:
+                raise InputError(f"autoencoder config: {key}={d[key]!r} is not supported (only {value!r})")
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,1 @@
+"""Latent diffusion: the diffusion model over autoencoder latents."""
