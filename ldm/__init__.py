@@ -1,1 +1,9 @@
 """Latent diffusion: the diffusion model over autoencoder latents."""
+from autoencoder.errors import InputError
+
+from .config import LDMConfig, load_ldm_config
+from .loading import load_autoencoder, load_model, save_autoencoder, save_model
+from .model import LatentDiffusion
+
+__all__ = ["InputError", "LDMConfig", "LatentDiffusion", "load_autoencoder", "load_ldm_config", "load_model",
+           "save_autoencoder", "save_model"]

@@ -1,0 +1,67 @@
+"""Small helpers shared by the command lines in tools/: overrides, device choice, clean errors."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from autoencoder.errors import InputError
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested config dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r} must look like section.key=value, e.g. train.batch_size=8")
+        dotted, text = item.split("=", 1)
+        keys = dotted.split(".")
+        node = config
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise InputError(f"override {item!r}: no section {key!r} in the config (sections: {sorted(node)})")
+            node = node[key]
+        if keys[-1] not in node:
+            raise InputError(f"override {item!r}: no key {keys[-1]!r} in section {'.'.join(keys[:-1]) or 'top'} "
+                             f"(keys: {sorted(node)})")
+        node[keys[-1]] = yaml.safe_load(text)
+    return config
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` is cuda, then mps, then cpu; an unavailable device is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` (fp32 -> None); `auto` is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise InputError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    if table[precision] is not None and device.type == "cpu":
+        raise InputError(f"precision {precision} autocast is for GPUs; use fp32 on the CPU")
+    return table[precision]
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run `main`; bad input prints one line `error: ...` and exits 2, with no traceback."""
+    try:
+        main()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,286 @@
+"""Training images: a folder of images or webdataset shards -> {"image": (3, H, W) in [-1, 1], "key": str}.
+
+Sources yield dicts so later stages (captions for text-to-image) can add keys. Unreadable images never
+stop a run: they are skipped, warned about once and counted in a `SkipReport`, per process: each
+DataLoader worker counts in its own copy of the dataset, unseen by the main process. To find every bad
+file up front, call `ImageFolder.verify()` in the main process.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, IterableDataset, Subset
+from torchvision.transforms import InterpolationMode, RandomCrop
+from torchvision.transforms import functional as TF
+from webdataset.shardlists import expand_urls
+
+from autoencoder.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # webdataset keys are extensions, lower-cased
+DATA_HINT = "point --data at a folder of images or at webdataset shards like 'shards/{000000..000009}.tar'"
+
+
+@dataclass
+class SkipReport:
+    """Unreadable images skipped in this process: how many, and the first `max_examples` (name, reason).
+    `len(report)` is the count (an empty report is falsy); `report[i]` is the i-th kept (name, reason)."""
+
+    count: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+    max_examples: int = 20
+    _seen: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def add(self, name: str, reason: str | BaseException) -> None:
+        """Count `name` and warn about it, once however often it is met again."""
+        if name in self._seen:
+            return
+        if isinstance(reason, BaseException):
+            reason = f"{type(reason).__name__}: {reason.args[0] if reason.args else ''}"
+        self._seen.add(name)
+        self.count += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append((name, reason))
+        warnings.warn(f"skipping {name} (unreadable): {reason}", RuntimeWarning)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[str, str]:
+        return self.examples[i]
+
+
+def _open_image(source: str | Path | IO[bytes]) -> Image.Image:
+    """Decode fully now, so corrupt or truncated data fails here, inside the caller's skip handling."""
+    with Image.open(source) as image:
+        image.load()
+        return ImageOps.exif_transpose(image)  # photos stored sideways with an EXIF rotation tag
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, with transparent pixels composited on white."""
+    if image.mode.startswith("I"):  # "I", "I;16", "I;16B", ...
+        # 16-bit grayscale: Pillow clips to 255 when converting, so scale to 8 bits first
+        image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _transform(image: Image.Image, *, size: int, random_crop: bool, random_flip: bool) -> torch.Tensor:
+    image = _to_rgb(image)
+    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side
+    if random_crop:
+        image = TF.crop(image, *RandomCrop.get_params(image, (size, size)))
+    else:
+        image = TF.center_crop(image, [size, size])
+    if random_flip and torch.rand(()) < 0.5:
+        image = TF.hflip(image)
+    return TF.pil_to_tensor(image).float().div(127.5).sub(1.0)
+
+
+def image_transform(size: int, *, random_crop: bool, random_flip: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> float32 (3, size, size) in [-1, 1]: RGB (transparency on white), shorter side to `size`
+    (bicubic, antialiased), center or random square crop, optional horizontal flip. Random draws use torch's
+    global generator, which the DataLoader seeds per worker."""
+    if size < 1:
+        raise InputError(f"image size must be a positive number of pixels, got {size}")
+    # a partial of a module-level function pickles, so the transform can travel to worker processes
+    return functools.partial(_transform, size=size, random_crop=random_crop, random_flip=random_flip)
+
+
+def _list_images(root: Path) -> list[str]:
+    """Relative posix paths of the image files under `root`, sorted; hidden files and folders left out."""
+    found = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        keep = [name for name in names if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [Path(folder, name).relative_to(root).as_posix() for name in keep]
+    return sorted(found)
+
+
+class ImageFolder(Dataset):
+    """Every image under `root` (recursive, sorted): item i -> {"image": tensor, "key": relative path}.
+
+    An unreadable file is replaced by the next readable one (i+1, i+2, ... wrapping around) and recorded
+    in `self.skip_report` (`self.skipped` is its count), per process. `verify()` finds them all up front.
+    """
+
+    def __init__(self, root: str | Path, size: int, *, random_crop: bool = False, random_flip: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(f"image folder {self.root} does not exist or is not a folder; {DATA_HINT}")
+        self.files = _list_images(self.root)
+        if not self.files:
+            raise InputError(f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}); {DATA_HINT}")
+        self.size = size
+        self.transform = image_transform(size, random_crop=random_crop, random_flip=random_flip)
+        self.skip_report = SkipReport()
+        self._unreadable: set[int] = set()  # indices into self.files known to be bad in this process
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def skipped(self) -> int:
+        """How many unreadable files this process has skipped."""
+        return self.skip_report.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.files)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        for offset in range(n):
+            i = (index + offset) % n
+            if (image := self._read(i)) is not None:
+                return {"image": self.transform(image), "key": self.files[i]}
+        raise self._all_unreadable()
+
+    def verify(self) -> SkipReport:
+        """Decode every file now and drop the unreadable ones, so `len()` and indices are final (call it
+        before `split_held_out`). Full decodes, as PIL's `Image.verify()` passes truncated JPEGs: for small folders."""
+        readable = [name for i, name in enumerate(self.files) if self._read(i) is not None]
+        if not readable:
+            raise self._all_unreadable()
+        self.files, self._unreadable = readable, set()
+        return self.skip_report
+
+    def _read(self, i: int) -> Image.Image | None:
+        """File i decoded, or None if it cannot be (recorded in the skip report the first time)."""
+        if i in self._unreadable:
+            return None
+        try:
+            return _open_image(self.root / self.files[i])
+        except Exception as exn:  # PIL raises many types on bad data: OSError, SyntaxError, ValueError, ...
+            self._unreadable.add(i)
+            self.skip_report.add(self.files[i], exn)
+            return None
+
+    def _all_unreadable(self) -> InputError:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in self.skip_report.examples[:3])
+        return InputError(f"none of the {len(self.files)} images in {self.root} could be read ({shown}); {DATA_HINT}")
+
+
+def expand_shards(urls: str | Sequence[str]) -> list[str]:
+    """Shard patterns ('data/{000000..000009}.tar', '::'-joined, or a list of them) -> shard urls.
+
+    Local shards must all exist (a wrong brace range would silently shrink the data); remote urls
+    (http://, s3://, pipe:) are passed through unchecked."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    expanded = [url for pattern in patterns for url in expand_urls(pattern)]
+    missing = [url for url in expanded if not re.match(r"\w+:", url) and not os.path.isfile(url)]  # local only
+    if missing or not expanded:
+        first = f" (first: {missing[0]})" if missing else ""
+        shown = " ".join(patterns)
+        raise InputError(f"{len(missing)} of the {len(expanded)} shards in {shown!r} do not exist{first}; {DATA_HINT}")
+    return expanded
+
+
+class WebDatasetImages(IterableDataset):
+    """Images from webdataset .tar shards: {"image": tensor, "key": __key__}; broken shards and samples are
+    skipped and recorded in `self.skip_report` (`self.skipped` is its count), per process.
+
+    resampled=True (training): endless; each rank and worker draws shards with replacement, seeded by (seed,
+    rank, worker, epoch), so no splitting is needed; fresh workers replay the same draws, so pass a new
+    `seed` when resuming. resampled=False: one pass; shards are shuffled alike on every rank, then split by
+    node and by worker, so each is read once. `shuffle_buffer=0` turns all shuffling off.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        size: int,
+        *,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.urls = expand_shards(urls)
+        self.transform = image_transform(size, random_crop=random_crop, random_flip=random_flip)
+        self.skip_report = SkipReport()
+        if resampled:
+            stages: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
+        else:
+            stages = [wds.SimpleShardList(self.urls)]
+            if shuffle_buffer > 0:
+                stages.append(wds.detshuffle(len(self.urls), initial=len(self.urls), seed=seed))
+            stages += [wds.split_by_node, wds.split_by_worker]
+        stages.append(wds.tarfile_to_samples(handler=self._skip_shard))
+        if shuffle_buffer > 0:
+            stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+        stages.append(self._decode)
+        self.pipeline = wds.DataPipeline(*stages)
+
+    def _skip_shard(self, exn: Exception) -> bool:
+        """webdataset handler: record a broken shard once (its url or open file is in exn.args) and go on."""
+        text = " ".join(map(str, exn.args))
+        shard = max((url for url in self.urls if url in text), key=len, default="<unknown shard>")
+        self.skip_report.add(shard, exn)
+        return True
+
+    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            name = f"{sample.get('__url__')}:{sample['__key__']}"
+            key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+            if key is None:
+                self.skip_report.add(name, f"no image in sample (looked for .{', .'.join(SHARD_IMAGE_KEYS)})")
+                continue
+            try:
+                image = _open_image(io.BytesIO(sample[key]))
+            except Exception as exn:
+                self.skip_report.add(name, exn)
+                continue
+            yield {"image": self.transform(image), "key": sample["__key__"]}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.pipeline)
+
+    @property
+    def skipped(self) -> int:
+        """How many broken shards and samples this process has skipped."""
+        return self.skip_report.count
+
+
+def build_image_dataset(source: str, size: int, *, train: bool = True, **kw: Any) -> ImageFolder | WebDatasetImages:
+    """`--data` -> an `ImageFolder` for an existing folder, `WebDatasetImages` for .tar shards or a brace pattern.
+
+    `train` sets defaults (random flips; for shards, shuffling and endless resampling; train=False: one ordered
+    pass, no flips); `kw` overrides them and goes to the chosen class."""
+    if os.path.isdir(source):
+        return ImageFolder(source, size, **{"random_flip": train, **kw})
+    if source.endswith(".tar") or re.search(r"\{.*\}", source):
+        defaults = {"random_flip": train, "resampled": train, "shuffle_buffer": 1000 if train else 0}
+        return WebDatasetImages(source, size, **{**defaults, **kw})
+    raise InputError(f"--data {source!r} is neither an existing folder of images nor .tar shards; {DATA_HINT}")
+
+
+def split_held_out(dataset: ImageFolder, n_held_out: int, seed: int = 0) -> tuple[Subset, Subset]:
+    """Deterministic (train, held_out) split of a folder by a seeded permutation.
+
+    Held-out images always get center crops and no flips, so PSNR/SSIM compare the same pixels at every
+    step. Call `dataset.verify()` first, or a bad file's replacement (the next index) may cross the split."""
+    n = len(dataset)
+    if not 0 <= n_held_out < n:
+        raise InputError(
+            f"cannot hold out {n_held_out} of the {n} images in {dataset.root}: need 0 <= held-out < {n} so that "
+            "one image is left for training; lower the held-out count or add images"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out_view = copy.copy(dataset)
+    held_out_view.transform = image_transform(dataset.size, random_crop=False, random_flip=False)
+    return Subset(dataset, sorted(order[n_held_out:])), Subset(held_out_view, sorted(order[:n_held_out]))

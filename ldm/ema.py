@@ -1,0 +1,68 @@
+"""Exponential moving average of model weights (as the original `LitEma`, kept in float32)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Shadow copy of a model's parameters: shadow <- decay * shadow + (1 - decay) * param.
+
+    With `warmup` the decay is min(decay, (1 + n) / (10 + n)) after n updates, as in LitEma, so
+    early averages are not dominated by the random initialisation. Before `start_step` the shadow
+    simply follows the weights.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float = 0.999, start_step: int = 0, warmup: bool = True):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay, self.start_step, self.warmup = decay, start_step, warmup
+        self.num_updates = 0
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    def current_decay(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = self.current_decay(step)
+        if step >= self.start_step:
+            self.num_updates += 1
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name])
+
+    @contextlib.contextmanager
+    def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily load the EMA weights into `model` (for evaluation), then restore."""
+        backup = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(backup[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.shadow, "__num_updates__": torch.tensor(self.num_updates)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        self.num_updates = int(state.pop("__num_updates__", torch.tensor(0)))
+        missing = sorted(set(self.shadow) - set(state))
+        if missing:
+            raise ValueError(f"EMA state is missing {missing[:5]}")
+        for name in self.shadow:
+            self.shadow[name].copy_(state[name])

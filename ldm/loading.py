@@ -1,0 +1,126 @@
+"""`load_model` and `save_model`: from a checkpoint file (ours or original) to a `LatentDiffusion`."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoencoder import AutoencoderConfig, AutoencoderKL
+from autoencoder.errors import InputError
+
+from .checkpoint import FORMAT, load_state_dict_checked, read_checkpoint, save_checkpoint, strip_prefix
+from .config import LDMConfig, load_ldm_config, read_yaml
+from .model import LatentDiffusion
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.safetensors"
+
+# Original-format keys that carry no weights we use (training-time state, EMA bookkeeping, the
+# schedule tables we recompute from alphas_cumprod).
+_SCHEDULE_BUFFERS = ("betas", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1",
+                     "posterior_mean_coef2", "logvar", "lvlb_weights")
+_IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.")
+
+
+def load_model(path: str | Path | None = None, config: "str | Path | dict[str, Any] | LDMConfig | None" = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LatentDiffusion:
+    """Load a `LatentDiffusion` from a checkpoint.
+
+    - `path=None`: the embedded default model shipped with the package.
+    - our `.safetensors` (config in the metadata): no `config` needed.
+    - an original LDM / SD `.ckpt` or `.safetensors`: pass `config`, the original-style YAML.
+    - an autoencoder checkpoint (ours, or an original first-stage file with its config): a model
+      whose `denoiser` and `text_encoder` are None.
+    The model is returned in eval mode with gradients off, on `device`, in `dtype` (default float32).
+    """
+    if path is None:
+        if not DEFAULT_MODEL.is_file():
+            raise InputError("no default model is installed yet: pass a checkpoint path, e.g. "
+                             "ldm.load_model('model.safetensors') or --ckpt model.safetensors")
+        path = DEFAULT_MODEL
+    tensors, metadata = read_checkpoint(path)
+    ours = metadata.get("format") == FORMAT
+    if config is not None:
+        ldm_config = _config_for(config, tensors)
+    elif ours and "config" in metadata:
+        ldm_config = _config_from_metadata(metadata)
+    else:
+        raise InputError(f"{path} has no embedded config (an original-format checkpoint): pass config=, "
+                         "the original-style YAML it came with (e.g. v1-inference.yaml)")
+    model = LatentDiffusion(ldm_config)
+    _load_weights(model, tensors, ours=ours, kind=metadata.get("kind", "latent_diffusion"), source=str(path))
+    model.eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype or torch.float32)
+
+
+def _config_from_metadata(metadata: dict[str, str]) -> LDMConfig:
+    config = json.loads(metadata["config"])
+    if metadata.get("kind") == "autoencoder":
+        return LDMConfig(autoencoder=AutoencoderConfig.from_dict(config))
+    return LDMConfig.from_dict(config)
+
+
+def _config_for(config: Any, tensors: dict[str, torch.Tensor]) -> LDMConfig:
+    raw = read_yaml(config) if isinstance(config, (str, Path)) else config
+    # Our autoencoder training configs have a `model:` section of AutoencoderConfig fields.
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "ch_mult" in raw["model"]:
+        return LDMConfig(autoencoder=AutoencoderConfig.from_dict(raw["model"]))
+    return load_ldm_config(raw)
+
+
+def _is_autoencoder_only(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("encoder.") for k in tensors) and not any(k.startswith("first_stage_model.") for k in tensors)
+
+
+def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, ours: bool, kind: str,
+                  source: str) -> None:
+    if kind == "autoencoder" or _is_autoencoder_only(tensors):
+        weights = {k: v for k, v in tensors.items() if not k.startswith(_IGNORED_PREFIXES)}
+        load_state_dict_checked(model.autoencoder, weights, source=f"{source} (autoencoder)")
+        return
+    prefixes = ({"autoencoder.": "autoencoder", "denoiser.": "denoiser", "text_encoder.": "text_encoder"} if ours
+                else {"first_stage_model.": "autoencoder", "model.diffusion_model.": "denoiser",
+                      "cond_stage_model.": "text_encoder"})
+    claimed = set()
+    for prefix, part in prefixes.items():
+        weights = {k: v for k, v in strip_prefix(tensors, prefix).items() if not (prefix + k).startswith(_IGNORED_PREFIXES)}
+        claimed.update(prefix + k for k in strip_prefix(tensors, prefix))
+        module = getattr(model, part)
+        if module is None:
+            if weights:
+                warnings.warn(f"{source}: {len(weights)} {part} tensors ({prefix}*) were not loaded: this version "
+                              f"has no {part} for this config", stacklevel=3)
+            continue
+        load_state_dict_checked(module, weights, source=f"{source} ({part})")
+    if "alphas_cumprod" in tensors:
+        if tensors["alphas_cumprod"].shape != model.alphas_cumprod.shape:
+            raise InputError(f"{source}: alphas_cumprod has {tensors['alphas_cumprod'].numel()} steps but the config "
+                             f"says timesteps={model.config.timesteps}")
+        model.alphas_cumprod.copy_(tensors["alphas_cumprod"])
+        claimed.add("alphas_cumprod")
+    leftover = [k for k in tensors if k not in claimed and k not in _SCHEDULE_BUFFERS and not k.startswith(_IGNORED_PREFIXES)]
+    if leftover:
+        raise InputError(f"{source}: unexpected keys that belong to no part of the model: {', '.join(leftover[:5])}"
+                         + (f" (+{len(leftover) - 5} more)" if len(leftover) > 5 else ""))
+
+
+def save_model(model: LatentDiffusion, path: str | Path) -> None:
+    """Write `model` as our safetensors checkpoint (config in the metadata), atomically."""
+    tensors = {k: v for k, v in model.state_dict().items()}
+    save_checkpoint(path, tensors, {"kind": "latent_diffusion", "config": model.config.to_json()})
+
+
+def save_autoencoder(autoencoder: AutoencoderKL, path: str | Path, *, extra_metadata: dict[str, Any] | None = None) -> None:
+    """Write an autoencoder alone (keys as in the original first stage, config in the metadata)."""
+    save_checkpoint(path, autoencoder.state_dict(),
+                    {"kind": "autoencoder", "config": json.dumps(autoencoder.config.to_dict()), **(extra_metadata or {})})
+
+
+def load_autoencoder(path: str | Path, config: Any = None, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None) -> AutoencoderKL:
+    """The `AutoencoderKL` of any checkpoint `load_model` reads."""
+    return load_model(path, config=config, device=device, dtype=dtype).autoencoder

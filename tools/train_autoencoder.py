@@ -1,0 +1,318 @@
+#!/usr/bin/env python
+"""Train the KL autoencoder (first stage): L1 + LPIPS + KL, then a PatchGAN from `disc_start`.
+
+    python tools/train_autoencoder.py --config configs/autoencoder/tiny.yaml --data IMAGES --out runs/ae
+    python tools/train_autoencoder.py ... --resume                 # continue from the newest checkpoint
+    python tools/train_autoencoder.py ... train.batch_size=8 loss.disc_start=1000   # overrides
+
+The run folder gets `metrics.csv`, reconstruction grids in `samples/`, checkpoints in
+`checkpoints/step_*/` and, at the end, `autoencoder.safetensors` (the EMA weights, config inside),
+which `ldm.load_autoencoder` and `ldm.load_model` read.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from autoencoder import AutoencoderConfig, AutoencoderKL, InputError
+from autoencoder.losses import AutoencoderLoss, LossConfig
+from autoencoder.metrics import psnr, ssim
+from ldm.checkpoint import read_checkpoint, save_checkpoint
+from ldm.cli import apply_overrides, autocast_dtype, pick_device, run_cli
+from ldm.config import read_yaml
+from ldm.data import ImageFolder, build_image_dataset, split_held_out
+from ldm.data_order import ResumableBatchSampler, SeededItems
+from ldm.ema import EMA
+from ldm.loading import save_autoencoder
+from ldm.run_checkpoints import latest_checkpoint, write_checkpoint_dir
+
+
+@dataclass
+class TrainConfig:
+    image_size: int = 256
+    batch_size: int = 4
+    base_lr: float = 4.5e-6
+    scale_lr: bool = True          # lr = base_lr * batch_size (the original scripts' rule)
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    max_steps: int = 100_000
+    ema_decay: float = 0.999
+    ema_start: int = 0
+    held_out: int = 16
+    log_every: int = 50
+    eval_every: int = 1000
+    sample_every: int = 1000
+    ckpt_every: int = 2000
+    keep_checkpoints: int = 2
+    num_workers: int = 2
+    precision: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+    random_crop: bool = True
+    random_flip: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"train config: unknown keys {unknown}; valid keys are {sorted(known)}")
+        config = cls(**d)
+        config.adam_betas = tuple(config.adam_betas)
+        return config
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size if self.scale_lr else self.base_lr
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="configs/autoencoder/tiny.yaml", help="YAML with model/loss/train sections")
+    p.add_argument("--data", required=True, help="image folder, or webdataset shards like 'data/{000000..000009}.tar'")
+    p.add_argument("--val-data", default=None, help="held-out images (folder or shards); default: split from --data")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics.csv)")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value, e.g. train.batch_size=8")
+    return p.parse_args()
+
+
+def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, LossConfig, TrainConfig]:
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    for section in ("model", "loss", "train"):
+        raw.setdefault(section, {})
+    if args.max_steps is not None:
+        raw["train"]["max_steps"] = args.max_steps
+    model_cfg = AutoencoderConfig.from_dict(raw["model"])
+    loss_cfg = LossConfig.from_dict(raw["loss"])
+    train_cfg = TrainConfig.from_dict(raw["train"])
+    f = model_cfg.downsampling_factor
+    if train_cfg.image_size % f:
+        raise InputError(f"train.image_size={train_cfg.image_size} is not divisible by the downsampling factor {f}; "
+                         f"use {train_cfg.image_size // f * f or f} or {(train_cfg.image_size // f + 1) * f}")
+    return raw, model_cfg, loss_cfg, train_cfg
+
+
+def make_data(args, cfg: TrainConfig, start_step: int):
+    """(endless iterator of training batches, list of held-out image tensors, a skip reporter)."""
+    size = cfg.image_size
+    source = train = build_image_dataset(args.data, size, train=True, random_crop=cfg.random_crop,
+                                         random_flip=cfg.random_flip)
+    if isinstance(train, ImageFolder):
+        report = train.verify()
+        if report:
+            name, reason = report.examples[0]
+            print(f"skipped {len(report)} unreadable images, e.g. {name}: {reason}")
+        if args.val_data is None:
+            train, held = split_held_out(train, cfg.held_out, seed=cfg.seed)
+        else:
+            held = None
+        if len(train) < cfg.batch_size:
+            raise InputError(f"{args.data} has {len(train)} training images, fewer than one batch of "
+                             f"{cfg.batch_size}; add images or lower train.batch_size")
+        sampler = ResumableBatchSampler(len(train), cfg.batch_size, seed=cfg.seed, start_step=start_step)
+        loader = DataLoader(SeededItems(train), batch_sampler=sampler, num_workers=cfg.num_workers)
+    else:  # webdataset shards: a stream; a resumed run continues with fresh shuffling
+        loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        held = None
+    if args.val_data is not None:
+        val = build_image_dataset(args.val_data, size, train=False)
+        held = [val[i] for i in range(min(cfg.held_out, len(val)))] if isinstance(val, ImageFolder) else \
+            [item for item, _ in zip(val, range(cfg.held_out))]
+    elif held is None:  # shards without --val-data: the first images of the stream (also trained on)
+        print("note: no --val-data; PSNR/SSIM are measured on the first training images of the shards")
+        held = [item for item, _ in zip(build_image_dataset(args.data, size, train=False), range(cfg.held_out))]
+    held_images = torch.stack([item["image"] for item in held])
+
+    def batches():
+        while True:  # a webdataset stream may end when not resampled; start it again
+            yield from loader
+
+    return batches(), held_images, source
+
+
+@torch.no_grad()
+def evaluate(ae: AutoencoderKL, images: torch.Tensor, device: torch.device, batch_size: int) -> tuple[dict, torch.Tensor]:
+    """PSNR / SSIM / L1 of posterior-mode reconstructions of the held-out images."""
+    recs = []
+    for chunk in images.split(batch_size):
+        recs.append(ae.decode(ae.encode(chunk.to(device)).mode()).float().clamp(-1, 1).cpu())
+    rec = torch.cat(recs)
+    return {"val_psnr": psnr(images, rec).mean().item(), "val_ssim": ssim(images, rec).mean().item(),
+            "val_l1": (images - rec).abs().mean().item()}, rec
+
+
+def save_grid(path: Path, images: torch.Tensor, recs: torch.Tensor) -> None:
+    """Inputs on the top row(s), reconstructions below, as one PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = min(8, len(images))
+    grid = make_grid(torch.cat([images[:n], recs[:n]]), nrow=n, normalize=True, value_range=(-1, 1))
+    save_image(grid, path)
+
+
+def main() -> None:
+    args = parse_args()
+    raw, model_cfg, loss_cfg, cfg = load_configs(args)
+    device = pick_device(args.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    out = Path(args.out)
+    ckpt_root = out / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if args.resume else None
+    if args.resume and resume_from is None:
+        print(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
+    if not args.resume and latest_checkpoint(ckpt_root) is not None:
+        raise InputError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    torch.manual_seed(cfg.seed)
+
+    # Models, loss (with the discriminator), optimizers (Adam, betas (0.5, 0.9) as the original).
+    ae = AutoencoderKL(model_cfg).to(device)
+    loss_fn = AutoencoderLoss(loss_cfg).to(device)
+    opt_ae = torch.optim.Adam(ae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    use_scaler = amp_dtype == torch.float16
+    scaler_ae = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler_disc = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    ema = EMA(ae, decay=cfg.ema_decay, start_step=cfg.ema_start)
+
+    step = 0
+    if resume_from is not None:
+        step = restore(resume_from, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc, device)
+        print(f"resumed from {resume_from} at step {step}")
+    batches, held_images, train_data = make_data(args, cfg, step)
+
+    n_params = sum(p.numel() for p in ae.parameters())
+    print(f"autoencoder: {n_params / 1e6:.2f}M parameters, f={model_cfg.downsampling_factor}, "
+          f"z={model_cfg.embed_dim}; device {device}, precision {cfg.precision}; lr {cfg.lr:.3g}; "
+          f"batch {cfg.batch_size}; held-out {len(held_images)} images")
+    print(loss_fn.perceptual_status)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    log = MetricsLog(out / "metrics.csv")
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train autoencoder", dynamic_ncols=True)
+    t_last, images_since = time.perf_counter(), 0
+    while step < cfg.max_steps:
+        x = next(batches)["image"].to(device, non_blocking=True)
+
+        # 1. Autoencoder step: reconstruction + KL (+ adaptive-weighted GAN loss after disc_start).
+        with autocast():
+            xrec, posterior = ae(x)
+            g_loss, logs = loss_fn.generator_loss(x, xrec, posterior, step, ae.last_layer)
+        opt_ae.zero_grad(set_to_none=True)
+        scaler_ae.scale(g_loss).backward()
+        scaler_ae.step(opt_ae)
+        scaler_ae.update()
+
+        # 2. Discriminator step (hinge or vanilla), only once it is switched on.
+        if step >= loss_cfg.disc_start and loss_cfg.disc_factor > 0:
+            with autocast():
+                d_loss, d_logs = loss_fn.discriminator_loss(x, xrec.detach(), step)
+            opt_disc.zero_grad(set_to_none=True)
+            scaler_disc.scale(d_loss).backward()
+            scaler_disc.step(opt_disc)
+            scaler_disc.update()
+            logs.update(d_logs)
+
+        # 3. EMA of the autoencoder weights: the weights we ship.
+        ema.update(ae, step)
+        step += 1
+        images_since += x.shape[0]
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            row = {k: float(v) for k, v in logs.items()}
+            row.update(step=step, lr=cfg.lr, images_per_s=images_since / max(now - t_last, 1e-9))
+            t_last, images_since = now, 0
+            skipped = getattr(train_data, "skipped", 0)
+            if skipped:
+                row["skipped_images"] = skipped
+            log.write(row)
+            bar.set_postfix(loss=f"{row.get('total', 0):.4g}", rec=f"{row.get('rec', 0):.4g}")
+        if step % cfg.eval_every == 0 or step % cfg.sample_every == 0 or step == cfg.max_steps:
+            ae.eval()
+            with ema.applied_to(ae):
+                metrics, recs = evaluate(ae, held_images, device, cfg.batch_size)
+            ae.train()
+            log.write({"step": step, **metrics})
+            bar.write(f"step {step}: held-out PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f} (EMA)")
+            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+                save_grid(out / "samples" / f"step_{step:08d}.png", held_images, recs)
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            write_checkpoint_dir(ckpt_root, step, lambda folder: write_state(
+                folder, step, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc), keep=cfg.keep_checkpoints)
+    bar.close()
+
+    final = AutoencoderKL(model_cfg)
+    ema.copy_to(final)
+    save_autoencoder(final, out / "autoencoder.safetensors", extra_metadata={"step": step})
+    print(f"done: {step} steps; EMA weights in {out / 'autoencoder.safetensors'}")
+
+
+class MetricsLog:
+    """Appends rows to a CSV; the header grows as new columns appear (rewritten then)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        fields = ["step"] + [k for k in fields if k != "step"]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+def write_state(folder: Path, step: int, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc) -> None:
+    """Everything a resumed run needs, in one checkpoint folder."""
+    meta = {"kind": "autoencoder", "config": json.dumps(ae.config.to_dict()), "step": str(step)}
+    save_checkpoint(folder / "autoencoder.safetensors", ae.state_dict(), meta)
+    save_checkpoint(folder / "autoencoder_ema.safetensors", {k: v for k, v in ema.shadow.items()}, meta)
+    save_checkpoint(folder / "discriminator.safetensors", loss_fn.discriminator.state_dict(), {"step": str(step)})
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"step": step, "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(),
+                "scaler_ae": scaler_ae.state_dict(), "scaler_disc": scaler_disc.state_dict(),
+                "ema_num_updates": ema.num_updates, "rng": rng}, folder / "train_state.pt")
+
+
+def restore(folder: Path, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc, device) -> int:
+    ae.load_state_dict(read_checkpoint(folder / "autoencoder.safetensors")[0])
+    ema.load_state_dict({**read_checkpoint(folder / "autoencoder_ema.safetensors")[0]})
+    loss_fn.discriminator.load_state_dict(read_checkpoint(folder / "discriminator.safetensors")[0])
+    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+    ema.num_updates = int(state["ema_num_updates"])
+    opt_ae.load_state_dict(state["opt_ae"])
+    opt_disc.load_state_dict(state["opt_disc"])
+    scaler_ae.load_state_dict(state["scaler_ae"])
+    scaler_disc.load_state_dict(state["scaler_disc"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+if __name__ == "__main__":
+    run_cli(main)
