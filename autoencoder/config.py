@@ -8,6 +8,31 @@ from typing import Any
 from .errors import InputError
 
 
+def check_keys(cls: type, d: dict[str, Any], section: str) -> None:
+    """InputError naming unknown keys of a config section, and the valid ones."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise InputError(f"{section} config: unknown keys {unknown}; valid keys are {known}")
+
+
+def coerce_numbers(obj: Any, section: str) -> None:
+    """Convert int/float fields given as strings (YAML 1.1 reads `1e-4` as a string) or a bad type error."""
+    for f in dataclasses.fields(obj):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind not in ("int", "float"):
+            continue
+        value = getattr(obj, f.name)
+        try:
+            number = float(value)
+            if kind == "int" and number != int(number):
+                raise ValueError
+            setattr(obj, f.name, int(number) if kind == "int" else number)
+        except (TypeError, ValueError):
+            raise InputError(f"{section} config: {f.name} must be {'a whole number' if kind == 'int' else 'a number'}, "
+                             f"got {value!r}") from None
+
+
 @dataclass
 class AutoencoderConfig:
     """Architecture of an `AutoencoderKL`; field names follow the original `ddconfig`.
@@ -31,12 +56,13 @@ class AutoencoderConfig:
     scale_factor: float = 0.18215
 
     def __post_init__(self) -> None:
+        coerce_numbers(self, "autoencoder")
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if not self.ch_mult:
             raise InputError("autoencoder config: ch_mult must name at least one level, e.g. [1, 2, 4, 4]")
         for name in ("ch", "num_res_blocks", "in_channels", "out_ch", "z_channels", "embed_dim"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise InputError(f"autoencoder config: {name} must be >= 1, got {getattr(self, name)}")
         if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
             raise InputError(
@@ -60,14 +86,12 @@ class AutoencoderConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
         """Build from our dict or an original `ddconfig` (extra original-only keys are refused by name)."""
-        known = {f.name for f in dataclasses.fields(cls)}
         # Original ddconfig keys we accept only at the value every SD first stage uses.
         fixed = {"resamp_with_conv": True, "attn_type": "vanilla", "use_linear_attn": False,
                  "give_pre_end": False, "tanh_out": False}
-        unknown = sorted(set(d) - known - set(fixed))
-        if unknown:
-            raise InputError(f"autoencoder config: unknown keys {unknown}; valid keys are {sorted(known)}")
         for key, value in fixed.items():
             if key in d and d[key] != value:
                 raise InputError(f"autoencoder config: {key}={d[key]!r} is not supported (only {value!r})")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k not in fixed}
+        check_keys(cls, d, "autoencoder")
+        return cls(**d)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_keys, coerce_numbers
 from .distributions import DiagonalGaussian
 from .errors import InputError
 from .lpips import LPIPS
@@ -96,14 +97,7 @@ class LossConfig:
     lpips_lin: str | None = None
 
     def __post_init__(self) -> None:
-        # YAML reads `1e-6` as a string (YAML 1.1 floats need a dot), so coerce numbers here.
-        for field in dataclasses.fields(self):
-            if field.type in ("int", "float"):
-                value = getattr(self, field.name)
-                try:
-                    setattr(self, field.name, int(value) if field.type == "int" else float(value))
-                except (TypeError, ValueError):
-                    raise InputError(f"loss config: {field.name} must be a number, got {value!r}") from None
+        coerce_numbers(self, "loss")
         if self.disc_loss not in DISC_LOSSES:
             raise InputError(f"loss config: disc_loss={self.disc_loss!r} is unknown; valid: {sorted(DISC_LOSSES)}")
         for name in ("disc_num_layers", "disc_ndf", "disc_in_channels"):
@@ -121,10 +115,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LossConfig":
-        known = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"loss config: unknown keys {unknown}; valid keys are {known}")
+        check_keys(cls, d, "loss")
         return cls(**d)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from autoencoder.config import AutoencoderConfig
+from autoencoder.config import AutoencoderConfig, check_keys, coerce_numbers
 from autoencoder.errors import InputError
 
 from .schedule import BETA_SCHEDULES
@@ -41,6 +41,7 @@ class LDMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.autoencoder, dict):
             self.autoencoder = AutoencoderConfig.from_dict(self.autoencoder)
+        coerce_numbers(self, "model")
         if self.parameterization not in PARAMETERIZATIONS:
             raise InputError(f"parameterization {self.parameterization!r} is not one of {', '.join(PARAMETERIZATIONS)}")
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -58,10 +59,7 @@ class LDMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LDMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"model config: unknown keys {unknown}; valid keys are {sorted(known)}")
+        check_keys(cls, d, "model")
         return cls(**d)
 
 

@@ -17,11 +17,17 @@ from autoencoder.lpips import LPIPS
 
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
-    """A torchvision VGG16 state dict (with its classifier, like vgg16-397923af.pth) and an lpips lin file."""
+    """A torchvision VGG16 state dict (like vgg16-397923af.pth) and an lpips lin file.
+
+    The real file also holds the 120M-parameter classifier, which LPIPS ignores; a small stand-in
+    `classifier.*` key keeps the file at 59 MB instead of 528 MB while still testing that it is ignored.
+    """
     directory = tmp_path_factory.mktemp("lpips")
     torch.manual_seed(0)
     vgg_path = directory / "vgg16.pth"
-    torch.save(torchvision.models.vgg16(weights=None).state_dict(), vgg_path)
+    features = torchvision.models.vgg16(weights=None).features.state_dict()
+    state = {f"features.{k}": v for k, v in features.items()} | {"classifier.0.weight": torch.zeros(8, 8)}
+    torch.save(state, vgg_path)
     # lpips' weights/v0.1/vgg.pth names them linK.model.1.weight (index 1: after the Dropout); the
     # real weights are non-negative, so positive random ones keep the distance >= 0.
     lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}

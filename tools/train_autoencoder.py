@@ -14,19 +14,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from autoencoder import AutoencoderConfig, AutoencoderKL, InputError
+from autoencoder.config import check_keys, coerce_numbers
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.metrics import psnr, ssim
 from ldm.checkpoint import read_checkpoint, save_checkpoint
@@ -63,12 +64,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"train config: unknown keys {unknown}; valid keys are {sorted(known)}")
+        check_keys(cls, d, "train")
         config = cls(**d)
-        config.adam_betas = tuple(config.adam_betas)
+        coerce_numbers(config, "train")
+        config.adam_betas = tuple(float(b) for b in config.adam_betas)
         return config
 
     @property
@@ -105,11 +104,12 @@ def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, Los
     return raw, model_cfg, loss_cfg, train_cfg
 
 
-def make_data(args, cfg: TrainConfig, start_step: int):
-    """(endless iterator of training batches, list of held-out image tensors, a skip reporter)."""
+def open_data(args, cfg: TrainConfig):
+    """(training dataset, held-out images, the source dataset for skip counts); checks the data first."""
     size = cfg.image_size
     source = train = build_image_dataset(args.data, size, train=True, random_crop=cfg.random_crop,
                                          random_flip=cfg.random_flip)
+    held = None
     if isinstance(train, ImageFolder):
         report = train.verify()
         if report:
@@ -117,16 +117,9 @@ def make_data(args, cfg: TrainConfig, start_step: int):
             print(f"skipped {len(report)} unreadable images, e.g. {name}: {reason}")
         if args.val_data is None:
             train, held = split_held_out(train, cfg.held_out, seed=cfg.seed)
-        else:
-            held = None
         if len(train) < cfg.batch_size:
             raise InputError(f"{args.data} has {len(train)} training images, fewer than one batch of "
                              f"{cfg.batch_size}; add images or lower train.batch_size")
-        sampler = ResumableBatchSampler(len(train), cfg.batch_size, seed=cfg.seed, start_step=start_step)
-        loader = DataLoader(SeededItems(train), batch_sampler=sampler, num_workers=cfg.num_workers)
-    else:  # webdataset shards: a stream; a resumed run continues with fresh shuffling
-        loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-        held = None
     if args.val_data is not None:
         val = build_image_dataset(args.val_data, size, train=False)
         held = [val[i] for i in range(min(cfg.held_out, len(val)))] if isinstance(val, ImageFolder) else \
@@ -134,13 +127,25 @@ def make_data(args, cfg: TrainConfig, start_step: int):
     elif held is None:  # shards without --val-data: the first images of the stream (also trained on)
         print("note: no --val-data; PSNR/SSIM are measured on the first training images of the shards")
         held = [item for item, _ in zip(build_image_dataset(args.data, size, train=False), range(cfg.held_out))]
-    held_images = torch.stack([item["image"] for item in held])
+    return train, torch.stack([item["image"] for item in held]), source
 
-    def batches():
-        while True:  # a webdataset stream may end when not resampled; start it again
-            yield from loader
 
-    return batches(), held_images, source
+def batches(train, cfg: TrainConfig, start_step: int):
+    """Endless training batches from `start_step` on.
+
+    A folder's order is a pure function of (seed, step) (see ldm/data_order.py), so a resumed run
+    sees the batches an uninterrupted run would; webdataset shards are a stream and are reshuffled.
+    """
+    # The loaders get their own generator: a new iterator must not draw from the global RNG.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if isinstance(train, IterableDataset):
+        loader = DataLoader(train, batch_size=cfg.batch_size, num_workers=cfg.num_workers, generator=generator)
+    else:
+        sampler = ResumableBatchSampler(len(train), cfg.batch_size, seed=cfg.seed, start_step=start_step)
+        loader = DataLoader(SeededItems(train), batch_sampler=sampler, num_workers=cfg.num_workers,
+                            generator=generator)
+    while True:  # a finite stream starts again
+        yield from loader
 
 
 @torch.no_grad()
@@ -176,11 +181,14 @@ def main() -> None:
         raise InputError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    train_data, held_images, source = open_data(args, cfg)
     torch.manual_seed(cfg.seed)
 
     # Models, loss (with the discriminator), optimizers (Adam, betas (0.5, 0.9) as the original).
     ae = AutoencoderKL(model_cfg).to(device)
-    loss_fn = AutoencoderLoss(loss_cfg).to(device)
+    with warnings.catch_warnings():  # the status is printed below
+        warnings.filterwarnings("ignore", message="perceptual loss")
+        loss_fn = AutoencoderLoss(loss_cfg).to(device)
     opt_ae = torch.optim.Adam(ae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     use_scaler = amp_dtype == torch.float16
@@ -192,7 +200,7 @@ def main() -> None:
     if resume_from is not None:
         step = restore(resume_from, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc, device)
         print(f"resumed from {resume_from} at step {step}")
-    batches, held_images, train_data = make_data(args, cfg, step)
+    data = batches(train_data, cfg, step)
 
     n_params = sum(p.numel() for p in ae.parameters())
     print(f"autoencoder: {n_params / 1e6:.2f}M parameters, f={model_cfg.downsampling_factor}, "
@@ -205,7 +213,7 @@ def main() -> None:
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train autoencoder", dynamic_ncols=True)
     t_last, images_since = time.perf_counter(), 0
     while step < cfg.max_steps:
-        x = next(batches)["image"].to(device, non_blocking=True)
+        x = next(data)["image"].to(device, non_blocking=True)
 
         # 1. Autoencoder step: reconstruction + KL (+ adaptive-weighted GAN loss after disc_start).
         with autocast():
@@ -237,7 +245,7 @@ def main() -> None:
             row = {k: float(v) for k, v in logs.items()}
             row.update(step=step, lr=cfg.lr, images_per_s=images_since / max(now - t_last, 1e-9))
             t_last, images_since = now, 0
-            skipped = getattr(train_data, "skipped", 0)
+            skipped = source.skipped
             if skipped:
                 row["skipped_images"] = skipped
             log.write(row)
