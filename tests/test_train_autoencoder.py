@@ -109,3 +109,20 @@ def test_existing_run_needs_resume(real_images, tmp_path):
     train("--data", str(real_images), "--out", str(run), "--max-steps", "1", *FAST)
     result = train("--data", str(real_images), "--out", str(run), "--max-steps", "2", check=False)
     assert result.returncode == 2 and "pass --resume" in result.stderr
+
+
+def test_training_from_webdataset_shards(real_images, tmp_path):
+    import webdataset as wds
+
+    images = sorted(real_images.iterdir())
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / "shards" / f"{shard:06d}.tar")) as sink:
+            for path in images[shard * 16:(shard + 1) * 16]:
+                sink.write({"__key__": path.stem, "png": path.read_bytes(), "txt": "a photo"})
+    run = tmp_path / "run"
+    result = train("--data", str(tmp_path / "shards" / "{000000..000001}.tar"), "--val-data", str(real_images),
+                   "--out", str(run), "--max-steps", "3", *FAST)
+    assert "held-out 8 images" in result.stdout
+    assert [r["step"] for r in rows(run) if r.get("rec")] == ["1", "2", "3"]
+    assert ldm.load_autoencoder(run / "autoencoder.safetensors").config.embed_dim == 4
