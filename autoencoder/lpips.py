@@ -7,7 +7,6 @@ Nothing is downloaded: weights come from two local files, see `LPIPS.from_files`
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -161,27 +160,15 @@ class LPIPS(nn.Module):
 
 def load_state_dict(path: str | os.PathLike, *, what: str) -> dict[str, torch.Tensor]:
     """Read a flat tensor dict from .safetensors or a .pth/.pt file (weights_only: never runs code)."""
+    from ldm.checkpoint import read_checkpoint  # the one safe reader; imported late (ldm builds on autoencoder)
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} weights file not found: {path}; give the path of a local file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds for corrupt or truncated files
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe:
-            raise InputError(
-                f"{what} file {path} holds Python objects ({unsafe.group(1)}), not just tensors; loading it "
-                "could run code from the file, so it was refused. Re-save it as a plain state dict "
-                "(torch.save(model.state_dict())) or as .safetensors") from None
-        raise InputError(f"could not read {what} file {path} ({_error_detail(error)}); "
-                         "is it a complete .pth/.pt state dict or .safetensors file?") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{what} file {path} is not a state dict (a dict of tensors); got {type(state).__name__}")
-    return state
+        return read_checkpoint(path)[0]
+    except InputError as error:
+        raise InputError(f"{what}: {error}") from None
 
 
 def _torchvision_to_lpips(key: str) -> str:
@@ -198,16 +185,6 @@ def _lpips_to_torchvision(key: str) -> str:
     """'net.slice5.23.weight' -> 'features.23.weight'."""
     _, _, index, rest = key.split(".", 3)
     return f"features.{index}.{rest}"
-
-
-def _error_detail(error: Exception) -> str:
-    """The useful line of an exception: torch's weights-only errors bury it after a long preamble."""
-    text = str(error)
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if match:
-        return match.group(1).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _first(state: dict, n: int = 5) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,11 +50,13 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
         text = str(exc)
-        if "GLOBAL" in text or "Unsupported global" in text.replace("GLOBAL", "global"):
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe or "GLOBAL" in text:
+            what = f" ({unsafe.group(1)})" if unsafe else ""
             raise InputError(
-                f"refusing to load {path}: the pickle asks to run code beyond plain tensors "
-                "(weights_only=True refused it). Nothing was executed. If you trust the file, convert "
-                "it to .safetensors in a separate, sandboxed step.") from None
+                f"refusing to load {path}: it holds Python objects{what}, not just tensors, and loading it "
+                "could run code from the file. Nothing was executed. If you trust the file, re-save it as a "
+                "plain state dict or as .safetensors in a separate, sandboxed step.") from None
         raise InputError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint "
                          f"({type(exc).__name__}: {_reason(text)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -65,6 +68,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def _reason(text: str) -> str:
     """The informative line of a torch.load error (its first lines are generic advice)."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if match:
+        return match.group(1).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
         if line.startswith(("Unsupported", "invalid load key", "PytorchStreamReader")):

@@ -30,7 +30,7 @@ from autoencoder import AutoencoderConfig, AutoencoderKL, InputError
 from autoencoder.config import check_keys, coerce_numbers
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.metrics import psnr, ssim
-from ldm.checkpoint import read_checkpoint, save_checkpoint
+from ldm.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
 from ldm.cli import apply_overrides, autocast_dtype, pick_device, run_cli
 from ldm.config import read_yaml
 from ldm.data import ImageFolder, build_image_dataset, split_held_out
@@ -198,7 +198,7 @@ def main() -> None:
 
     step = 0
     if resume_from is not None:
-        step = restore(resume_from, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc, device)
+        step = restore(resume_from, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc)
         print(f"resumed from {resume_from} at step {step}")
     data = batches(train_data, cfg, step)
 
@@ -271,7 +271,7 @@ def main() -> None:
 
 
 class MetricsLog:
-    """Appends rows to a CSV; the header grows as new columns appear (rewritten then)."""
+    """A CSV of metric rows; a row with new columns rewrites the file with the wider header."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -279,17 +279,22 @@ class MetricsLog:
         if path.is_file():
             with open(path, newline="") as f:
                 self.rows = list(csv.DictReader(f))
+        self.fields = list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"]
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        fields = ["step"] + [k for k in fields if k != "step"]
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+        new = [k for k in row if k not in self.fields]
+        if new or not self.path.is_file():
+            self.fields += new
+            tmp = self.path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+            tmp.replace(self.path)
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
 def write_state(folder: Path, step: int, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc) -> None:
@@ -306,10 +311,12 @@ def write_state(folder: Path, step: int, ae, loss_fn, ema, opt_ae, opt_disc, sca
                 "ema_num_updates": ema.num_updates, "rng": rng}, folder / "train_state.pt")
 
 
-def restore(folder: Path, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc, device) -> int:
-    ae.load_state_dict(read_checkpoint(folder / "autoencoder.safetensors")[0])
-    ema.load_state_dict({**read_checkpoint(folder / "autoencoder_ema.safetensors")[0]})
-    loss_fn.discriminator.load_state_dict(read_checkpoint(folder / "discriminator.safetensors")[0])
+def restore(folder: Path, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc) -> int:
+    """Load a checkpoint folder into the run's objects; returns the step it was written at."""
+    load_state_dict_checked(ae, read_checkpoint(folder / "autoencoder.safetensors")[0], source=str(folder))
+    ema.load_state_dict(read_checkpoint(folder / "autoencoder_ema.safetensors")[0])
+    load_state_dict_checked(loss_fn.discriminator, read_checkpoint(folder / "discriminator.safetensors")[0],
+                            source=f"{folder} (discriminator)")
     state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
     ema.num_updates = int(state["ema_num_updates"])
     opt_ae.load_state_dict(state["opt_ae"])
