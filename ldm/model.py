@@ -31,6 +31,13 @@ class LatentDiffusion(nn.Module):
         betas = make_betas(config.beta_schedule, config.timesteps, config.linear_start, config.linear_end)
         self.register_buffer("alphas_cumprod", alphas_cumprod_from_betas(betas))
 
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(dtype)` would round the schedule; it stays float32 and only changes device.
+        schedule = self.alphas_cumprod
+        super()._apply(fn, recurse)
+        self.alphas_cumprod = schedule.to(self.alphas_cumprod.device)
+        return self
+
     @property
     def parameterization(self) -> str:
         return self.config.parameterization

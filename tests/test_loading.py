@@ -43,6 +43,10 @@ def test_our_checkpoint_round_trips_without_a_config(tmp_path):
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    half = ldm.load_model(tmp_path / "m.safetensors", dtype=torch.float16)
+    assert half.autoencoder.encoder.conv_in.weight.dtype == torch.float16
+    assert half.alphas_cumprod.dtype == torch.float32  # the schedule is never rounded to half
+    assert torch.equal(half.alphas_cumprod, model.alphas_cumprod)
 
 
 def test_autoencoder_checkpoint_loads_alone(tmp_path):
