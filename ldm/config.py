@@ -19,9 +19,8 @@ import yaml
 from autoencoder.config import AutoencoderConfig, check_keys, coerce_numbers
 from autoencoder.errors import InputError
 
+from .diffusion import PARAMETERIZATIONS
 from .schedule import BETA_SCHEDULES
-
-PARAMETERIZATIONS = ("eps", "v", "x0")
 
 
 @dataclass
@@ -34,6 +33,7 @@ class LDMConfig:
     beta_schedule: str = "scaled_linear"
     linear_start: float = 0.00085
     linear_end: float = 0.012
+    zero_terminal_snr: bool = False   # rescale the schedule to SNR 0 at the last step (Lin et al. 2023)
     # Filled in by the denoiser / text-conditioning parts; None means "not part of this model".
     denoiser: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None

@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoencoder import AutoencoderKL
+from autoencoder import AutoencoderKL, InputError
 
+from . import samplers
 from .config import LDMConfig
-from .schedule import alphas_cumprod_from_betas, make_betas
+from .schedule import NoiseSchedule
+from .unet import build_denoiser
 
 
 class LatentDiffusion(nn.Module):
@@ -26,10 +28,12 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         self.config = config
         self.autoencoder = AutoencoderKL(config.autoencoder)
-        self.denoiser: nn.Module | None = None
+        self.denoiser: nn.Module | None = build_denoiser(config.denoiser) if config.denoiser else None
         self.text_encoder: nn.Module | None = None
-        betas = make_betas(config.beta_schedule, config.timesteps, config.linear_start, config.linear_end)
-        self.register_buffer("alphas_cumprod", alphas_cumprod_from_betas(betas))
+        schedule = NoiseSchedule.make(config.beta_schedule, config.timesteps, config.linear_start, config.linear_end,
+                                      zero_terminal_snr=config.zero_terminal_snr)
+        self._config_schedule = schedule
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod)
 
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(dtype)` would round the schedule; it stays float32 and only changes device.
@@ -45,6 +49,34 @@ class LatentDiffusion(nn.Module):
     @property
     def scale_factor(self) -> float:
         return self.config.autoencoder.scale_factor
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """Every table of the noise process: the config's (derived in float64), or, where a checkpoint
+        brought a different `alphas_cumprod`, rebuilt from that."""
+        if torch.equal(self.alphas_cumprod.cpu(), self._config_schedule.alphas_cumprod):
+            return self._config_schedule
+        return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, *, x_T: torch.Tensor,
+               sampler: str = "ddim", steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
+               generator: torch.Generator | None = None, callback=None, guidance_rescale: float = 0.0,
+               init_latent: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        """Sample latents with classifier-free guidance (in the denoiser's latent space, before `/ scale_factor`).
+
+        `cond` / `uncond` are text-encoder contexts (B, tokens, dim); `x_T` is the starting noise
+        (B, C, h, w). See `ldm.samplers.sample` for the samplers and for img2img (`init_latent`, `strength`).
+        """
+        if self.denoiser is None:
+            raise InputError("this model has no denoiser, so it cannot sample; load a full latent diffusion checkpoint")
+        if cond.shape[0] != x_T.shape[0]:
+            raise InputError(f"cond has batch {cond.shape[0]} but x_T has batch {x_T.shape[0]}; give one context per sample")
+        model_fn = samplers.guided_model_fn(self.denoiser, cond, uncond, guidance_scale=guidance_scale,
+                                            guidance_rescale=guidance_rescale)
+        return samplers.sample(model_fn, x_T, self.schedule, sampler=sampler, steps=steps,
+                               parameterization=self.parameterization, eta=eta, generator=generator,
+                               callback=callback, init_latent=init_latent, strength=strength)
 
     def encode_images(self, images: torch.Tensor, *, sample: bool = True,
                       generator: torch.Generator | None = None) -> torch.Tensor:

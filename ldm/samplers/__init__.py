@@ -1,0 +1,102 @@
+"""Samplers: pure functions that take the model function and own no weights.
+
+`sample(model_fn, x_T, schedule, sampler=..., steps=...)` picks the timesteps the way the original
+code / diffusers do for that sampler, handles the img2img start, and runs it. `model_fn(x, t)`
+returns the raw network output (eps, v or x0, per `parameterization`); wrap a conditional
+denoiser with `guided_model_fn` for classifier-free guidance.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from autoencoder.errors import InputError
+
+from ..diffusion import ModelFn, check_parameterization
+from ..schedule import NoiseSchedule
+from .ddim import sample_ddim, sample_plms
+from .ddpm import sample_ddpm
+from .discretization import (ddim_timesteps, dpm_solver_timesteps, karras_sigmas, leading_timesteps,
+                             sigma_to_t)
+from .guidance import guided_model_fn
+from .k_samplers import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
+
+# name -> (function, works in sigma space)
+SAMPLERS: dict[str, tuple[Callable, bool]] = {
+    "ddim": (sample_ddim, False),
+    "plms": (sample_plms, False),
+    "ddpm": (sample_ddpm, False),
+    "dpmpp_2m": (sample_dpmpp_2m, True),
+    "dpmpp_2m_karras": (sample_dpmpp_2m, True),
+    "euler": (sample_euler, True),
+    "euler_a": (sample_euler_ancestral, True),
+    "heun": (sample_heun, True),
+}
+
+__all__ = ["SAMPLERS", "guided_model_fn", "plan", "sample"]
+
+
+def check_sampler_args(sampler: str, steps: int, num_timesteps: int, *, eta: float = 0.0,
+                       strength: float = 1.0) -> None:
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
+        raise InputError(f"steps must be a whole number from 1 to {num_timesteps} (the training steps), got {steps!r}")
+    if not 0.0 <= eta <= 1.0:
+        raise InputError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength must be in (0, 1] (1: start from pure noise), got {strength}")
+
+
+def plan(sampler: str, schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(timesteps the model sees, descending; noise levels for sigma-space samplers, ending in 0)."""
+    T = schedule.num_timesteps
+    if not SAMPLERS[sampler][1]:
+        return ddim_timesteps(T, steps), None
+    all_sigmas = schedule.sigmas
+    if sampler == "dpmpp_2m_karras":
+        sigmas = karras_sigmas(all_sigmas[0].item(), all_sigmas[-1].item(), steps)
+        timesteps = sigma_to_t(sigmas, schedule).round().long()
+    else:
+        timesteps = dpm_solver_timesteps(T, steps) if sampler == "dpmpp_2m" else leading_timesteps(T, steps)
+        sigmas = all_sigmas[timesteps]
+    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampler: str = "ddim",
+           steps: int = 50, parameterization: str = "eps", eta: float = 0.0,
+           generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
+           init_latent: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """Run `sampler` from noise `x_T` (unit variance) and return the clean latent. Never modifies inputs.
+
+    img2img (SDEdit, Meng et al. 2022): with `init_latent`, only the last int(strength * steps)
+    steps run (at least one), starting from init_latent noised with `x_T` to the first of them.
+    `eta` is DDIM's; the ancestral samplers (ddpm, euler_a) always add their noise.
+    """
+    check_sampler_args(sampler, steps, schedule.num_timesteps, eta=eta, strength=strength)
+    check_parameterization(parameterization)
+    timesteps, sigmas = plan(sampler, schedule, steps)
+    x = x_T
+    if init_latent is not None:
+        if init_latent.shape != x_T.shape:
+            raise InputError(f"init latent shape {tuple(init_latent.shape)} differs from the noise shape {tuple(x_T.shape)}")
+        n = len(timesteps)
+        start = n - max(1, min(n, int(strength * n)))
+        timesteps = timesteps[start:]
+        if sigmas is not None:
+            sigmas = sigmas[start:]
+            alpha_bar = 1.0 / (sigmas[0].item() ** 2 + 1.0)
+        else:
+            alpha_bar = schedule.alphas_cumprod[timesteps[0]].item()
+        # q(x_t | x_0), DDPM eq. 4, with x_T as the noise.
+        x = alpha_bar ** 0.5 * init_latent + (1 - alpha_bar) ** 0.5 * x_T
+    function, sigma_space = SAMPLERS[sampler]
+    kwargs = dict(parameterization=parameterization, callback=callback)
+    if sampler in ("ddim",):
+        kwargs["eta"] = eta
+    if sampler in ("ddim", "ddpm", "plms", "euler_a"):
+        kwargs["generator"] = generator
+    if sigma_space:
+        return function(model_fn, x, sigmas, timesteps, **kwargs)
+    return function(model_fn, x, schedule, timesteps, **kwargs)
