@@ -231,3 +231,53 @@ def test_ddim_matches_the_original_ddimsampler_on_tiny_sd2():
     torch.testing.assert_close(out, cases["ddim_out"], atol=1e-4, rtol=0)
     unet = model.denoiser(cases["unet_x"], cases["unet_t"], cases["unet_context"])
     torch.testing.assert_close(unet, cases["unet_out"], atol=1e-4, rtol=0)
+
+
+def _original_plms(model, x, alphas_cumprod, S, parameterization):
+    """A line-by-line transcription of the original SD PLMSSampler loop (ldm/models/diffusion/plms.py)."""
+    from ldm.diffusion import predict_eps
+
+    ddim_timesteps = torch.arange(0, 1000, 1000 // S) + 1
+    alphas = alphas_cumprod[ddim_timesteps]
+    alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ddim_timesteps[:-1]]])
+    time_range = ddim_timesteps.flip(0)
+    total_steps = len(ddim_timesteps)
+    b = x.shape[0]
+
+    def get_model_output(x, t):
+        return predict_eps(x, model(x, t), alphas_cumprod[t].reshape(-1, 1, 1, 1), parameterization)
+
+    def get_x_prev_and_pred_x0(x, e_t, index):
+        a_t, a_prev = alphas[index], alphas_prev[index]
+        pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+        return a_prev.sqrt() * pred_x0 + (1. - a_prev).sqrt() * e_t, pred_x0
+
+    old_eps = []
+    for i, step in enumerate(time_range):
+        index = total_steps - i - 1
+        ts = torch.full((b,), int(step))
+        ts_next = torch.full((b,), int(time_range[min(i + 1, len(time_range) - 1)]))
+        e_t = get_model_output(x, ts)
+        if len(old_eps) == 0:
+            x_prev, _ = get_x_prev_and_pred_x0(x, e_t, index)
+            e_t_prime = (e_t + get_model_output(x_prev, ts_next)) / 2
+        elif len(old_eps) == 1:
+            e_t_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x, _ = get_x_prev_and_pred_x0(x, e_t_prime, index)
+        old_eps.append(e_t)
+        if len(old_eps) >= 4:
+            old_eps.pop(0)
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 10, 25])
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_plms_matches_the_original_plms_sampler(steps, parameterization):
+    x_T = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+    reference = _original_plms(toy_model, x_T, SD.alphas_cumprod.double(), steps, parameterization)
+    ours = samplers.sample(toy_model, x_T, SD, sampler="plms", steps=steps, parameterization=parameterization)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
