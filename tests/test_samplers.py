@@ -139,6 +139,23 @@ def test_stochastic_samplers_follow_the_generator(name):
     assert not torch.allclose(run(1), run(2))
 
 
+def test_ddpm_variance_choices():
+    """sigma^2 = beta_t vs beta~_t: with a zero model, one step from x_t to the second-to-last visited t."""
+    x_T = torch.zeros(4000, 1, 1, 1)
+    out = {}
+    for variance in ("posterior", "beta"):
+        path = []
+        samplers.sample(lambda x, t: torch.zeros_like(x), x_T, SD, sampler="ddpm", steps=2, ddpm_variance=variance,
+                        generator=torch.Generator().manual_seed(0), callback=lambda d: path.append(d["x"]))
+        out[variance] = path[0].std().item()
+    a_t, a_prev = SD.alphas_cumprod.double()[501].item(), SD.alphas_cumprod.double()[1].item()
+    beta = 1 - a_t / a_prev  # respaced beta between t=501 and t=1
+    assert out["beta"] == pytest.approx(beta ** 0.5, rel=0.05)
+    assert out["posterior"] == pytest.approx((beta * (1 - a_prev) / (1 - a_t)) ** 0.5, rel=0.05)
+    with pytest.raises(InputError, match="ddpm_variance"):
+        samplers.sample(toy_model, x_T[:1], SD, sampler="ddpm", ddpm_variance="large")
+
+
 def test_guidance_is_one_batched_call_with_optional_rescale():
     calls = []
 

@@ -67,15 +67,19 @@ def plan(sampler: str, schedule: NoiseSchedule, steps: int) -> tuple[torch.Tenso
 def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampler: str = "ddim",
            steps: int = 50, parameterization: str = "eps", eta: float = 0.0,
            generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
-           init_latent: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+           init_latent: torch.Tensor | None = None, strength: float = 1.0,
+           ddpm_variance: str = "posterior") -> torch.Tensor:
     """Run `sampler` from noise `x_T` (unit variance) and return the clean latent. Never modifies inputs.
 
     img2img (SDEdit, Meng et al. 2022): with `init_latent`, only the last int(strength * steps)
     steps run (at least one), starting from init_latent noised with `x_T` to the first of them.
-    `eta` is DDIM's; the ancestral samplers (ddpm, euler_a) always add their noise.
+    `eta` is DDIM's; the ancestral samplers (ddpm, euler_a) always add their noise. `ddpm_variance`
+    is DDPM's sigma_t^2: "posterior" (beta~_t) or "beta" (beta_t), DDPM sec. 3.2.
     """
     check_sampler_args(sampler, steps, schedule.num_timesteps, eta=eta, strength=strength)
     check_parameterization(parameterization)
+    if ddpm_variance not in ("posterior", "beta"):
+        raise InputError(f"ddpm_variance must be 'posterior' or 'beta', got {ddpm_variance!r}")
     timesteps, sigmas = plan(sampler, schedule, steps)
     x = x_T
     if init_latent is not None:
@@ -95,6 +99,8 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sam
     kwargs = dict(parameterization=parameterization, callback=callback)
     if sampler in ("ddim",):
         kwargs["eta"] = eta
+    if sampler == "ddpm":
+        kwargs["variance"] = ddpm_variance
     if sampler in ("ddim", "ddpm", "plms", "euler_a"):
         kwargs["generator"] = generator
     if sigma_space:
