@@ -5,6 +5,7 @@ refuses anything that would run code, and never executed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -139,11 +140,35 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
                          + ". Check that the config matches the checkpoint.")
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Copy `state_dict` into `module` (casting dtype), after `check_state_dict`."""
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
+                            assign: bool = False) -> None:
+    """Load `state_dict` into `module` after `check_state_dict`: copied into the existing tensors
+    (casting dtype), or with `assign=True` taken over as the parameters (see `empty_parameters`)."""
     check_state_dict(module, state_dict, source=source)
-    module.load_state_dict(dict(state_dict), strict=True)
+    module.load_state_dict(dict(state_dict), strict=True, assign=assign)
 
 
 def strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def empty_parameters():
+    """Create module parameters on the meta device (no memory), buffers as usual.
+
+    Loading then assigns the checkpoint's tensors as the parameters (`assign=True`), so a model is
+    never held twice: once randomly initialised and once as loaded weights. Buffers stay real
+    because non-persistent ones (attention masks, schedules) are not in any checkpoint.
+    """
+    original = nn.Module.register_parameter
+
+    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original

@@ -1,6 +1,7 @@
 """`load_model` and `save_model`: from a checkpoint file (ours or original) to a `LatentDiffusion`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -11,9 +12,11 @@ import torch
 from autoencoder import AutoencoderConfig, AutoencoderKL
 from autoencoder.errors import InputError
 
-from .checkpoint import FORMAT, load_state_dict_checked, read_checkpoint, save_checkpoint, strip_prefix
-from .config import LDMConfig, load_ldm_config, read_yaml
+from .checkpoint import (FORMAT, empty_parameters, load_state_dict_checked, read_checkpoint, save_checkpoint,
+                         strip_prefix)
+from .config import LDMConfig, from_original_config, load_ldm_config, read_yaml
 from .model import LatentDiffusion
+from .original_configs import infer_original_config
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.safetensors"
 
@@ -27,15 +30,20 @@ _IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.")
 
 
 def load_model(path: str | Path | None = None, config: "str | Path | dict[str, Any] | LDMConfig | None" = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LatentDiffusion:
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+               parameterization: str | None = None, ema: bool = True) -> LatentDiffusion:
     """Load a `LatentDiffusion` from a checkpoint.
 
     - `path=None`: the embedded default model shipped with the package.
     - our `.safetensors` (config in the metadata): no `config` needed.
-    - an original LDM / SD `.ckpt` or `.safetensors`: pass `config`, the original-style YAML.
+    - an original LDM / SD `.ckpt` or `.safetensors`: with `config`, the original-style YAML it came
+      with, or without: SD 1.x / 2.x is recognised from the keys (`parameterization` "eps" / "v"
+      picks between SD 2.x base and 768-v; a given value also overrides the config's).
     - an autoencoder checkpoint (ours, or an original first-stage file with its config): a model
       whose `denoiser` and `text_encoder` are None.
-    The model is returned in eval mode with gradients off, on `device`, in `dtype` (default float32).
+    With `ema` (default), a checkpoint's EMA copy of the denoiser (`model_ema.*`) is used when present.
+    The weights are read once and become the parameters (no second copy in memory). The model is
+    returned in eval mode with gradients off, on `device`, in `dtype` (default float32).
     """
     if path is None:
         if not DEFAULT_MODEL.is_file():
@@ -48,13 +56,36 @@ def load_model(path: str | Path | None = None, config: "str | Path | dict[str, A
         ldm_config = _config_for(config, tensors)
     elif ours and "config" in metadata:
         ldm_config = _config_from_metadata(metadata)
+    elif _is_autoencoder_only(tensors):
+        raise InputError(f"{path} is an original first-stage checkpoint with no embedded config: pass config=, "
+                         "the YAML it came with (e.g. configs/autoencoder/kl-f8.yaml for the SD autoencoder)")
     else:
-        raise InputError(f"{path} has no embedded config (an original-format checkpoint): pass config=, "
-                         "the original-style YAML it came with (e.g. v1-inference.yaml)")
-    model = LatentDiffusion(ldm_config)
+        ldm_config = from_original_config(infer_original_config(tensors, parameterization=parameterization))
+    if parameterization is not None and ldm_config.parameterization != parameterization:
+        ldm_config = dataclasses.replace(ldm_config, parameterization=parameterization)
+    if ema and not ours:
+        tensors = _with_ema_weights(tensors)
+    with empty_parameters():
+        model = LatentDiffusion(ldm_config)
     _load_weights(model, tensors, ours=ours, kind=metadata.get("kind", "latent_diffusion"), source=str(path))
+    unloaded = [name for name, p in model.named_parameters() if p.is_meta]
+    if unloaded:  # a part the config has but the file does not (reported by name)
+        raise InputError(f"{path} has no weights for {', '.join(sorted({n.split('.')[0] for n in unloaded}))} "
+                         f"(e.g. {unloaded[0]}); check that the config matches the checkpoint")
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype or torch.float32)
+
+
+def _with_ema_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Swap in the original EMA copy of the denoiser (`model_ema.<name without dots>`) where complete."""
+    unet = [k for k in tensors if k.startswith("model.diffusion_model.")]
+    ema_names = {k: "model_ema." + k[len("model."):].replace(".", "") for k in unet}
+    if not unet or not all(name in tensors for name in ema_names.values()):
+        return tensors
+    swapped = dict(tensors)
+    for key, ema_key in ema_names.items():
+        swapped[key] = tensors[ema_key]
+    return swapped
 
 
 def _config_from_metadata(metadata: dict[str, str]) -> LDMConfig:
@@ -80,7 +111,7 @@ def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, o
                   source: str) -> None:
     if kind == "autoencoder" or _is_autoencoder_only(tensors):
         weights = {k: v for k, v in tensors.items() if not k.startswith(_IGNORED_PREFIXES)}
-        load_state_dict_checked(model.autoencoder, weights, source=f"{source} (autoencoder)")
+        load_state_dict_checked(model.autoencoder, weights, source=f"{source} (autoencoder)", assign=True)
         return
     prefixes = ({"autoencoder.": "autoencoder", "denoiser.": "denoiser", "text_encoder.": "text_encoder"} if ours
                 else {"first_stage_model.": "autoencoder", "model.diffusion_model.": "denoiser",
@@ -95,7 +126,7 @@ def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, o
                 warnings.warn(f"{source}: {len(weights)} {part} tensors ({prefix}*) were not loaded: this version "
                               f"has no {part} for this config", stacklevel=3)
             continue
-        load_state_dict_checked(module, weights, source=f"{source} ({part})")
+        load_state_dict_checked(module, weights, source=f"{source} ({part})", assign=True)
     if "alphas_cumprod" in tensors:
         if tensors["alphas_cumprod"].shape != model.alphas_cumprod.shape:
             raise InputError(f"{source}: alphas_cumprod has {tensors['alphas_cumprod'].numel()} steps but the config "

@@ -331,7 +331,16 @@ class UNetModel(nn.Module):
 
 
 ORIGINAL_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel",)
-DENOISER_TYPES = {"unet": lambda fields: UNetModel(UNetConfig.from_dict(fields))}
+
+
+def _build_dit(fields: dict[str, Any]) -> nn.Module:
+    from .dit import DiT, DiTConfig  # imported here: ldm.dit imports timestep_embedding from this module
+
+    return DiT(DiTConfig.from_dict(fields))
+
+
+DENOISER_TYPES = {"unet": lambda fields: UNetModel(UNetConfig.from_dict(fields)),
+                  "dit": _build_dit}
 
 
 def build_denoiser(config: dict[str, Any]) -> nn.Module:
