@@ -140,7 +140,7 @@ class OpenCLIPTextEncoder(nn.Module):
         model = self.model
         x = model.token_embedding(tokens) + model.positional_embedding
         blocks = model.transformer.resblocks
-        batch_first = getattr(model.transformer, "batch_first", False)  # open_clip < 2.24 runs blocks as (L, N, D)
+        batch_first = getattr(model.transformer, "batch_first", False)  # older open_clip: blocks take (L, N, D)
         x = x if batch_first else x.transpose(0, 1)
         for block in blocks[:len(blocks) - (self.layer == "penultimate")]:
             x = block(x, attn_mask=model.attn_mask)
