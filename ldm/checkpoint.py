@@ -79,21 +79,28 @@ def _reason(text: str) -> str:
     return lines[0] if lines else "unreadable"
 
 
-def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, rename.
+def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], *,
+                    ours: bool = True) -> None:
+    """Write a checkpoint atomically: a temporary file in the same folder, fsync, rename.
 
     A crash at any moment leaves either the old file or the new one, never a partial file.
-    Non-string metadata values are stored as JSON.
+    `.safetensors` gets `metadata` (non-string values as JSON) and, when `ours`, our format tag;
+    `.ckpt` / `.pt` is written as the original scripts do, `{"state_dict": tensors}` (no metadata).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT}
+    meta = {"format": FORMAT} if ours else {}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(contiguous, tmp, metadata=meta)
+        if path.suffix == ".safetensors":
+            save_file(contiguous, tmp, metadata=meta)
+        elif path.suffix in PICKLE_SUFFIXES:
+            torch.save({"state_dict": contiguous}, tmp)
+        else:
+            raise InputError(f"cannot write {path}: use a .safetensors or .ckpt file name")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -95,7 +95,7 @@ class DiTConfig:
         d = dict(d)
         if "size" in d:
             size = d.pop("size")
-            if size not in DIT_SIZES:
+            if not isinstance(size, str) or size not in DIT_SIZES:
                 raise InputError(f"dit config: size {size!r} is unknown; choose one of {list(DIT_SIZES)}")
             d = {**DIT_SIZES[size], **d}
         elif not {"hidden_size", "depth", "num_heads"} <= set(d):

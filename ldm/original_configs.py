@@ -76,3 +76,67 @@ def infer_original_config(tensors: dict[str, torch.Tensor], *, parameterization:
         warnings.warn("SD 2.x checkpoint with no config: assuming v-prediction (the 768-v models); pass "
                       "parameterization='eps' for the 512 base models", stacklevel=3)
     return config
+
+
+_SCHEDULE_TO_ORIGINAL = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
+_PREFIXES = {"autoencoder.": "first_stage_model.", "denoiser.": "model.diffusion_model.",
+             "text_encoder.": "cond_stage_model."}
+
+
+def to_original_config(config) -> dict[str, Any]:
+    """The original-style YAML (as a dict) of an `LDMConfig`, for writing original-format checkpoints."""
+    if config.zero_terminal_snr:
+        raise InputError("a zero-terminal-SNR schedule has no original-format equivalent; keep our format")
+    ae = config.autoencoder.to_dict()
+    params: dict[str, Any] = {
+        "parameterization": config.parameterization, "timesteps": config.timesteps,
+        "beta_schedule": _SCHEDULE_TO_ORIGINAL[config.beta_schedule],
+        "linear_start": config.linear_start, "linear_end": config.linear_end,
+        "scale_factor": ae.pop("scale_factor"), "conditioning_key": "crossattn", "channels": ae["embed_dim"],
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": ae.pop("embed_dim"), "ddconfig": ae, "lossconfig": {"target": "torch.nn.Identity"}}},
+    }
+    if config.denoiser is not None:
+        if "original" in config.denoiser:
+            params["unet_config"] = config.denoiser["original"]
+        elif config.denoiser.get("type") == "unet":
+            fields = {k: v for k, v in config.denoiser.items() if k != "type"}
+            params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                                     "params": {**fields, "use_spatial_transformer": True}}
+        else:
+            raise InputError(f"a {config.denoiser.get('type')!r} denoiser has no original-format equivalent")
+    if config.text_encoder is not None:
+        if "original" not in config.text_encoder:
+            raise InputError("this text encoder has no original-format equivalent; keep our format")
+        params["cond_stage_config"] = config.text_encoder["original"]
+    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+
+def to_original_state_dict(model) -> dict[str, torch.Tensor]:
+    """A `LatentDiffusion`'s weights under the original names, with the 12 schedule buffers."""
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+        if prefix is not None:
+            state[_PREFIXES[prefix] + key[len(prefix):]] = value
+    text = model.config.text_encoder or {}
+    if str(text.get("original", {}).get("target", "")).endswith("FrozenCLIPEmbedder"):
+        from .text import open_clip_to_hf_clip  # SD 1.x keeps its CLIP in Hugging Face layout
+
+        hf = open_clip_to_hf_clip(_strip(state, "cond_stage_model.transformer."))
+        state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
+        state.update({"cond_stage_model.transformer." + k: v for k, v in hf.items()})
+    schedule = model.schedule
+    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2"):
+        state[name] = getattr(schedule, name)
+    ac = schedule.alphas_cumprod.double()
+    state["log_one_minus_alphas_cumprod"] = (1 - ac).log().float()
+    state["sqrt_recip_alphas_cumprod"] = (1 / ac).sqrt().float()
+    state["sqrt_recipm1_alphas_cumprod"] = (1 / ac - 1).sqrt().float()
+    return state
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

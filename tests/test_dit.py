@@ -89,7 +89,7 @@ def test_position_embedding_matches_dit_for_square_grids_and_extends_to_any_grid
 
 
 def test_dit_xl2_has_the_papers_parameter_count():
-    """DiT-XL/2 (no cross-attention) against the paper's 675M (Peebles & Xie 2023, Table 4).
+    """DiT-XL/2 (no cross-attention) against the paper's 675M parameters (Peebles & Xie 2023).
 
     The official models.py builds 675,129,632 parameters. Ours differ by what we leave out on
     purpose: the class-label table (1001 x 1152, no class labels here), the fixed position embedding
@@ -137,7 +137,7 @@ def test_works_with_the_samplers_and_guidance():
         outs = [samplers.sample(fn, x_T, schedule, sampler=sampler, steps=4,
                                 generator=torch.Generator().manual_seed(3)) for fn in (model_fn, model_fn, guided)]
         assert outs[0].shape == x_T.shape and outs[0].isfinite().all()
-        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # deterministic for a seed
+        assert torch.equal(outs[0], outs[1])  # deterministic for a seed
         assert (outs[2] - outs[0]).abs().max() > 1e-3  # guidance changes the sample
 
 
@@ -179,8 +179,8 @@ def test_gradient_checkpointing_gives_identical_gradients():
         model(x, t, context_grad).square().mean().backward()
         grads.append([p.grad for p in model.parameters()] + [context_grad.grad])
     assert len(calls) == 2  # the checkpointed block ran again during backward
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(*grads):  # bitwise equal here; the tolerance allows another summation order
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def _structured_latents(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,3 +123,36 @@ def test_parameterization_override_on_load():
     ref = reference_dir("tiny-sd2")
     model = ldm.load_model(ref / "model.safetensors", config=ref / "config.yaml", parameterization="eps")
     assert model.parameterization == "eps"
+
+
+def test_convert_checkpoint_round_trip(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helpers import REPO
+
+    ref = reference_dir("tiny-sd2")
+    tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+    run = lambda *args: subprocess.run([*tool, *map(str, args)], capture_output=True, text=True, timeout=300)
+    ours, half, original = tmp_path / "ours.safetensors", tmp_path / "half.safetensors", tmp_path / "orig.ckpt"
+    assert run(ref / "model.safetensors", ours, "--config", ref / "config.yaml").returncode == 0
+    assert run(ours, half, "--half").returncode == 0
+    result = run(ours, original, "--to", "original")
+    assert result.returncode == 0, result.stderr
+    # The original-format output has exactly the original checkpoint's keys, shapes and (float32) weights.
+    written = torch.load(original, weights_only=True)["state_dict"]
+    reference = load_file(ref / "model.safetensors")
+    assert written.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(written[key], reference[key], rtol=1e-5, atol=3e-5, msg=key)
+    cases = load_file(ref / "cases.safetensors")
+    for path, config, tolerance in ((ours, None, 1e-4), (original, tmp_path / "orig.yaml", 1e-4), (half, None, 5e-2)):
+        model = ldm.load_model(path, config=config)
+        out = model.denoiser(cases["unet_x"], cases["unet_t"], cases["unet_context"])
+        torch.testing.assert_close(out, cases["unet_out"], atol=tolerance, rtol=0)
+    assert load_file(half)["denoiser.out.2.weight"].dtype == torch.float16
+    assert load_file(half)["alphas_cumprod"].dtype == torch.float32
+    bad = run(ours, ours)
+    assert bad.returncode == 2 and "overwrite the input" in bad.stderr

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Convert checkpoints between the original (CompVis / Stability) format and ours, optionally to fp16.
+
+    python tools/convert_checkpoint.py v1-5-pruned-emaonly.ckpt sd15.safetensors            # original -> ours
+    python tools/convert_checkpoint.py model.ckpt model.safetensors --config v2-inference-v.yaml --half
+    python tools/convert_checkpoint.py sd15.safetensors sd15-original.ckpt --to original     # ours -> original
+
+Ours: one .safetensors with the config in its metadata (loads with no config file). Original: a
+.ckpt ({"state_dict": ...}) or .safetensors with the original key names and schedule buffers, plus
+the original-style YAML written beside it (OUT with .yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import ldm
+from ldm.checkpoint import save_checkpoint
+from ldm.cli import run_cli
+from ldm.original_configs import to_original_config, to_original_state_dict
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="checkpoint to read (.safetensors or .ckpt, ours or original)")
+    p.add_argument("output", help="file to write (.safetensors or .ckpt)")
+    p.add_argument("--to", choices=("ours", "original"), default="ours", help="format to write")
+    p.add_argument("--config", default=None, help="original-style YAML for an original input (default: recognised)")
+    p.add_argument("--parameterization", choices=("eps", "v"), default=None, help="override (SD 2.x base vs 768-v)")
+    p.add_argument("--half", action="store_true", help="store the weights in float16")
+    p.add_argument("--no-ema", action="store_true", help="keep the raw weights even if an EMA copy is present")
+    args = p.parse_args()
+    output = Path(args.output)
+    if output.resolve() == Path(args.input).resolve():
+        raise ldm.InputError("output would overwrite the input; choose another file name")
+    if args.to == "ours" and output.suffix != ".safetensors":
+        raise ldm.InputError("our format is .safetensors; name the output *.safetensors")
+    start = time.perf_counter()
+    model = ldm.load_model(args.input, config=args.config, parameterization=args.parameterization, ema=not args.no_ema)
+    if args.half:
+        model.half()  # the schedule stays float32 (LatentDiffusion._apply)
+    if args.to == "ours":
+        ldm.save_model(model, output)
+    else:
+        config = to_original_config(model.config)
+        save_checkpoint(output, to_original_state_dict(model), {}, ours=False)
+        output.with_suffix(".yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        print(f"wrote the original-style config to {output.with_suffix('.yaml')}")
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = next(model.parameters()).dtype
+    print(f"wrote {output} ({args.to} format, {n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}) "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)
