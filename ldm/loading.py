@@ -17,6 +17,7 @@ from .checkpoint import (FORMAT, empty_parameters, load_state_dict_checked, read
 from .config import LDMConfig, from_original_config, load_ldm_config, read_yaml
 from .model import LatentDiffusion
 from .original_configs import infer_original_config
+from .text import hf_clip_to_open_clip
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.safetensors"
 
@@ -119,6 +120,8 @@ def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, o
     claimed = set()
     for prefix, part in prefixes.items():
         weights = {k: v for k, v in strip_prefix(tensors, prefix).items() if not (prefix + k).startswith(_IGNORED_PREFIXES)}
+        if part == "text_encoder" and any(k.startswith("transformer.text_model.") for k in weights):
+            weights = hf_clip_to_open_clip(weights)  # SD 1.x: CLIP ViT-L in Hugging Face layout
         claimed.update(prefix + k for k in strip_prefix(tensors, prefix))
         module = getattr(model, part)
         if module is None:

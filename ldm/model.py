@@ -13,6 +13,7 @@ from autoencoder import AutoencoderKL, InputError
 from . import samplers
 from .config import LDMConfig
 from .schedule import NoiseSchedule
+from .text import build_text_encoder
 from .unet import build_denoiser
 
 
@@ -29,7 +30,7 @@ class LatentDiffusion(nn.Module):
         self.config = config
         self.autoencoder = AutoencoderKL(config.autoencoder)
         self.denoiser: nn.Module | None = build_denoiser(config.denoiser) if config.denoiser else None
-        self.text_encoder: nn.Module | None = None
+        self.text_encoder: nn.Module | None = build_text_encoder(config.text_encoder) if config.text_encoder else None
         schedule = NoiseSchedule.make(config.beta_schedule, config.timesteps, config.linear_start, config.linear_end,
                                       zero_terminal_snr=config.zero_terminal_snr)
         self._config_schedule = schedule

@@ -123,9 +123,9 @@ def to_original_state_dict(model) -> dict[str, torch.Tensor]:
     if str(text.get("original", {}).get("target", "")).endswith("FrozenCLIPEmbedder"):
         from .text import open_clip_to_hf_clip  # SD 1.x keeps its CLIP in Hugging Face layout
 
-        hf = open_clip_to_hf_clip(_strip(state, "cond_stage_model.transformer."))
+        hf = open_clip_to_hf_clip(_strip(state, "cond_stage_model."))
         state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
-        state.update({"cond_stage_model.transformer." + k: v for k, v in hf.items()})
+        state.update({"cond_stage_model." + k: v for k, v in hf.items()})
     schedule = model.schedule
     for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                  "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",

@@ -46,6 +46,13 @@ def test_config_recognised_from_keys_builds_the_manifest_layout(version, templat
     for part in ("model.diffusion_model.", "first_stage_model."):
         expected = [(k, v) for k, v in keys.items() if k.startswith(part)]
         assert [(k, v) for k, v in built.items() if k.startswith(part)] == expected  # names, shapes, order
+    # The text encoder: SD 2.x names as they are; SD 1.x in Hugging Face layout, mapped for writing.
+    text = {k: v for k, v in model.state_dict().items() if k.startswith("text_encoder.")}
+    if version == "v1":
+        from ldm.text import open_clip_to_hf_clip
+        text = {"text_encoder." + k: v for k, v in open_clip_to_hf_clip({k[len("text_encoder."):]: v for k, v in text.items()}).items()}
+    expected = [(k, v) for k, v in keys.items() if k.startswith("cond_stage_model.")]
+    assert [("cond_stage_model." + k[len("text_encoder."):], list(v.shape)) for k, v in text.items()] == expected
 
 
 def _small_v1(tmp_path, *, ema: bool = False):
