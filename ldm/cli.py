@@ -62,6 +62,10 @@ def run_cli(main: Callable[[], Any]) -> None:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: use a smaller --n_samples / --batch_size, --vae-tiling, or a lower "
+              "--precision (fp16 / bf16)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -34,6 +34,7 @@ class LDMConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     zero_terminal_snr: bool = False   # rescale the schedule to SNR 0 at the last step (Lin et al. 2023)
+    image_size: int | None = None     # native latent size (64 for SD 1.x: 512 px); None: the autoencoder's
     # Filled in by the denoiser / text-conditioning parts; None means "not part of this model".
     denoiser: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None
@@ -102,6 +103,7 @@ def from_original_config(raw: dict[str, Any]) -> LDMConfig:
         beta_schedule=schedule,
         linear_start=float(params.get("linear_start", 0.00085)),
         linear_end=float(params.get("linear_end", 0.012)),
+        image_size=int(params["image_size"]) if "image_size" in params else None,
         denoiser=_original_section(params, "unet_config"),
         text_encoder=_original_section(params, "cond_stage_config"),
     )

@@ -10,7 +10,7 @@ from torch import nn
 
 from autoencoder import AutoencoderKL, InputError
 
-from . import samplers
+from . import pipeline, samplers
 from .config import LDMConfig
 from .schedule import NoiseSchedule
 from .text import build_text_encoder
@@ -63,7 +63,8 @@ class LatentDiffusion(nn.Module):
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, *, x_T: torch.Tensor,
                sampler: str = "ddim", steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
                generator: torch.Generator | None = None, callback=None, guidance_rescale: float = 0.0,
-               init_latent: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+               init_latent: torch.Tensor | None = None, strength: float = 1.0,
+               keep_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Sample latents with classifier-free guidance (in the denoiser's latent space, before `/ scale_factor`).
 
         `cond` / `uncond` are text-encoder contexts (B, tokens, dim); `x_T` is the starting noise
@@ -77,7 +78,17 @@ class LatentDiffusion(nn.Module):
                                             guidance_rescale=guidance_rescale)
         return samplers.sample(model_fn, x_T, self.schedule, sampler=sampler, steps=steps,
                                parameterization=self.parameterization, eta=eta, generator=generator,
-                               callback=callback, init_latent=init_latent, strength=strength)
+                               callback=callback, init_latent=init_latent, strength=strength, keep_mask=keep_mask)
+
+    def generate(self, prompts: str | list[str], *, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5,
+                 eta: float = 0.0, seed: int | None = None, n_samples: int = 1, init_image=None,
+                 strength: float = 0.75, mask=None, callback=None, batch_size: int = 4) -> list:
+        """Prompts -> list of PIL images (text-to-image, image-to-image, inpainting); see `ldm.pipeline.generate`."""
+        return pipeline.generate(self, prompts, negative_prompt=negative_prompt, height=height, width=width,
+                                 steps=steps, sampler=sampler, guidance_scale=guidance_scale, eta=eta, seed=seed,
+                                 n_samples=n_samples, init_image=init_image, strength=strength, mask=mask,
+                                 callback=callback, batch_size=batch_size)
 
     def encode_images(self, images: torch.Tensor, *, sample: bool = True,
                       generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,33 +1,32 @@
 #!/usr/bin/env python
 """Text-to-image: a prompt in, images out.
 
-    python tools/txt2img.py --prompt "red apple"                      # the embedded default model
-    python tools/txt2img.py --prompt "..." --ckpt model.ckpt --config v1-inference.yaml
+    python tools/txt2img.py --prompt "red apple"                                  # the embedded default model
+    python tools/txt2img.py --prompt "a photo of a cat" --ckpt v1-5-pruned-emaonly.safetensors --H 512 --W 512
+    python tools/txt2img.py --from-file prompts.txt --n_samples 4 --sampler dpmpp_2m_karras --steps 25
 
-Status: this version loads checkpoints and their autoencoder; the denoiser, the text encoder and the
-samplers are not implemented yet, so the command says so clearly instead of writing images.
+Images go to OUTDIR/samples/NNNNN.png (never overwriting), with their parameters in a PNG text chunk
+so any image can be reproduced from its file; a grid per run goes to OUTDIR/grid-NNNN.png.
+Same arguments and seed give byte-identical images on the same machine.
 """
 from __future__ import annotations
 
 import argparse
 
-import ldm
-from ldm.cli import pick_device, run_cli
+from ldm.cli import run_cli
+from ldm.cli_generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True, help="what to draw")
-    p.add_argument("--ckpt", default=None, help="checkpoint (.safetensors or .ckpt); default: the embedded model")
-    p.add_argument("--config", default=None, help="original-style YAML for an original-format checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generation_args(p, outdir="outputs/txt2img-samples")
+    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")
     args = p.parse_args()
-    model = ldm.load_model(args.ckpt, config=args.config, device=pick_device(args.device))
-    missing = [name for name in ("denoiser", "text_encoder") if getattr(model, name) is None]
-    if missing:
-        raise ldm.InputError(
-            f"{args.ckpt or 'the default model'} has no {' and no '.join(missing)}: text-to-image needs a full "
-            "latent diffusion model, and this version implements only the autoencoder (first stage)")
+    check_generation_args(args)
+    prompts = read_prompts(args)
+    model, device, digest = load_for_generation(args)
+    run(args, model, device, digest, prompts, {"height": args.H, "width": args.W})
 
 
 if __name__ == "__main__":

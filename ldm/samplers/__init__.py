@@ -20,6 +20,7 @@ from .ddpm import sample_ddpm
 from .discretization import (ddim_timesteps, dpm_solver_timesteps, karras_sigmas, leading_timesteps,
                              sigma_to_t)
 from .guidance import guided_model_fn
+from .noise import Generators, randn_like
 from .k_samplers import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
 
 # name -> (function, works in sigma space)
@@ -66,13 +67,16 @@ def plan(sampler: str, schedule: NoiseSchedule, steps: int) -> tuple[torch.Tenso
 
 def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampler: str = "ddim",
            steps: int = 50, parameterization: str = "eps", eta: float = 0.0,
-           generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
+           generator: Generators = None, callback: Callable[[dict], None] | None = None,
            init_latent: torch.Tensor | None = None, strength: float = 1.0,
-           ddpm_variance: str = "posterior") -> torch.Tensor:
+           keep_mask: torch.Tensor | None = None, ddpm_variance: str = "posterior") -> torch.Tensor:
     """Run `sampler` from noise `x_T` (unit variance) and return the clean latent. Never modifies inputs.
 
     img2img (SDEdit, Meng et al. 2022): with `init_latent`, only the last int(strength * steps)
     steps run (at least one), starting from init_latent noised with `x_T` to the first of them.
+    Inpainting (any model): with `keep_mask` (1 where `init_latent` is kept, broadcastable to it),
+    before every step the kept region is replaced by init_latent re-noised to that step with fresh
+    noise (the blend of the original LDM DDIMSampler's `mask` / `x0`), and the result keeps it exactly.
     `eta` is DDIM's; the ancestral samplers (ddpm, euler_a) always add their noise. `ddpm_variance`
     is DDPM's sigma_t^2: "posterior" (beta~_t) or "beta" (beta_t), DDPM sec. 3.2.
     """
@@ -97,6 +101,10 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sam
         x = alpha_bar ** 0.5 * init_latent + (1 - alpha_bar) ** 0.5 * x_T
     function, sigma_space = SAMPLERS[sampler]
     kwargs = dict(parameterization=parameterization, callback=callback)
+    if keep_mask is not None:
+        if init_latent is None:
+            raise InputError("a mask needs an init image (inpainting keeps part of it)")
+        kwargs["blend"] = _inpaint_blend(init_latent, keep_mask, schedule, timesteps, sigmas, generator)
     if sampler in ("ddim",):
         kwargs["eta"] = eta
     if sampler == "ddpm":
@@ -104,5 +112,26 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sam
     if sampler in ("ddim", "ddpm", "plms", "euler_a"):
         kwargs["generator"] = generator
     if sigma_space:
-        return function(model_fn, x, sigmas, timesteps, **kwargs)
-    return function(model_fn, x, schedule, timesteps, **kwargs)
+        x = function(model_fn, x, sigmas, timesteps, **kwargs)
+    else:
+        x = function(model_fn, x, schedule, timesteps, **kwargs)
+    if keep_mask is not None:
+        x = keep_mask * init_latent + (1 - keep_mask) * x
+    return x
+
+
+def _inpaint_blend(init_latent: torch.Tensor, keep_mask: torch.Tensor, schedule: NoiseSchedule,
+                   timesteps: torch.Tensor, sigmas: torch.Tensor | None, generator: Generators):
+    """x -> keep * q(x_t | init) + (1 - keep) * x at step i, in the sampler's own space (VP or sigma)."""
+    alphas = schedule.alphas_cumprod.double()
+
+    def blend(x: torch.Tensor, i: int) -> torch.Tensor:
+        noise = randn_like(x, generator)
+        if sigmas is not None:  # variance-exploding state: x = x0 + sigma * eps
+            known = init_latent + sigmas[i].item() * noise
+        else:  # DDPM eq. 4
+            a = alphas[timesteps[i]].item()
+            known = a ** 0.5 * init_latent + (1 - a) ** 0.5 * noise
+        return keep_mask * known + (1 - keep_mask) * x
+
+    return blend

@@ -7,8 +7,10 @@ import torch
 
 from ..diffusion import ModelFn, predict_eps, predict_x0
 from ..schedule import NoiseSchedule
+from .noise import Generators, randn_like
 
 Callback = Callable[[dict], None] | None
+Blend = Callable[[torch.Tensor, int], torch.Tensor] | None  # (x, step index) -> x, before the model call
 
 
 def _alphas(schedule: NoiseSchedule, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,24 +27,24 @@ def ddim_sigmas(alphas: torch.Tensor, alphas_prev: torch.Tensor, eta: float) -> 
 
 
 def _ddim_step(x: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, a_prev: float, sigma: float,
-               generator: torch.Generator | None) -> torch.Tensor:
+               generator: Generators) -> torch.Tensor:
     """x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z  (DDIM eq. 12)."""
     x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
     if sigma > 0:
-        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device,
-                            dtype=x.dtype).to(x.device)
-        x_prev = x_prev + sigma * noise
+        x_prev = x_prev + sigma * randn_like(x, generator)
     return x_prev
 
 
 @torch.no_grad()
 def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor, *,
-                parameterization: str, eta: float = 0.0, generator: torch.Generator | None = None,
-                callback: Callback = None) -> torch.Tensor:
+                parameterization: str, eta: float = 0.0, generator: Generators = None,
+                callback: Callback = None, blend: Blend = None) -> torch.Tensor:
     """DDIM from x at timesteps[0] down to x_0; eta=0 is deterministic, eta=1 the DDPM posterior."""
     alphas, alphas_prev = _alphas(schedule, timesteps)
     sigmas = ddim_sigmas(alphas, alphas_prev, eta)
     for i, t in enumerate(timesteps):
+        if blend is not None:  # inpainting: re-noise the known region to this step
+            x = blend(x, i)
         a_t = alphas[i].to(x.dtype)
         output = model_fn(x, t.expand(x.shape[0]).to(x.device))
         eps, x0 = predict_eps(x, output, a_t, parameterization), predict_x0(x, output, a_t, parameterization)
@@ -54,8 +56,8 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, tim
 
 @torch.no_grad()
 def sample_plms(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor, *,
-                parameterization: str, generator: torch.Generator | None = None,
-                callback: Callback = None) -> torch.Tensor:
+                parameterization: str, generator: Generators = None,
+                callback: Callback = None, blend: Blend = None) -> torch.Tensor:
     """Pseudo linear multistep (PNDM, Liu et al. 2022, eqs. 12-13) on the DDIM step, as SD's PLMSSampler.
 
     The first step is a pseudo improved Euler (two model calls); later ones use Adams-Bashforth
@@ -73,6 +75,8 @@ def sample_plms(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, tim
         return _ddim_step(x_in, eps, x0, alphas_prev[i].item(), 0.0, None), x0
 
     for i, t in enumerate(timesteps):
+        if blend is not None:  # inpainting: re-noise the known region to this step
+            x = blend(x, i)
         eps = eps_of(x, t, alphas[i].to(x.dtype))
         if not old_eps:
             x_next, _ = step(x, eps, i)

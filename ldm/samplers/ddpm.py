@@ -5,13 +5,14 @@ import torch
 
 from ..diffusion import ModelFn, predict_x0
 from ..schedule import NoiseSchedule
-from .ddim import Callback
+from .ddim import Blend, Callback
+from .noise import Generators, randn_like
 
 
 @torch.no_grad()
 def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor, *,
-                parameterization: str, variance: str = "posterior", generator: torch.Generator | None = None,
-                callback: Callback = None) -> torch.Tensor:
+                parameterization: str, variance: str = "posterior", generator: Generators = None,
+                callback: Callback = None, blend: Blend = None) -> torch.Tensor:
     """x_{t-1} ~ N(mu~(x_t, x0_pred), sigma_t^2 I), with sigma_t^2 the posterior variance beta~_t or beta_t.
 
     On a subsequence of timesteps the process is respaced (Nichol & Dhariwal 2021, app. B):
@@ -23,6 +24,8 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, tim
     alphas = ac[timesteps]
     alphas_prev = torch.cat([ac[timesteps[1:]], ac.new_ones(1)])
     for i, t in enumerate(timesteps):
+        if blend is not None:  # inpainting: re-noise the known region to this step
+            x = blend(x, i)
         a_t, a_prev = alphas[i].item(), alphas_prev[i].item()
         beta = 1 - a_t / a_prev
         output = model_fn(x, t.expand(x.shape[0]).to(x.device))
@@ -31,9 +34,7 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, tim
         mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
         if i < len(timesteps) - 1:
             var = beta * (1 - a_prev) / (1 - a_t) if variance == "posterior" else beta
-            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device,
-                                dtype=x.dtype).to(x.device)
-            x = mean + var ** 0.5 * noise
+            x = mean + var ** 0.5 * randn_like(x, generator)
         else:
             x = mean
         if callback is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import ModelFn, predict_x0
-from .ddim import Callback
+from .ddim import Blend, Callback
+from .noise import Generators, randn_like
 
 
 class _Denoiser:
@@ -26,22 +27,19 @@ class _Denoiser:
         return predict_x0(x_vp, output, alpha_bar, self.parameterization)
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
 def _start(x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
     return x_vp * (sigma ** 2 + 1.0) ** 0.5
 
 
 @torch.no_grad()
 def sample_euler(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
-                 parameterization: str, callback: Callback = None, **_) -> torch.Tensor:
+                 parameterization: str, callback: Callback = None, blend: Blend = None, **_) -> torch.Tensor:
     """Euler's method on dx/dsigma = (x - D(x, sigma)) / sigma  (Karras et al. 2022, eq. 3 / Algorithm 1)."""
     denoise = _Denoiser(model_fn, parameterization)
     x = _start(x, sigmas[0].item())
     for i, t in enumerate(timesteps):
+        if blend is not None:  # inpainting: re-noise the known region to this step
+            x = blend(x, i)
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0 = denoise(x, sigma, t)
         x = x + (x - x0) / sigma * (sigma_next - sigma)
@@ -52,19 +50,21 @@ def sample_euler(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, times
 
 @torch.no_grad()
 def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
-                           parameterization: str, generator: torch.Generator | None = None,
-                           callback: Callback = None, **_) -> torch.Tensor:
+                           parameterization: str, generator: Generators = None,
+                           callback: Callback = None, blend: Blend = None, **_) -> torch.Tensor:
     """Euler down to sigma_down, then fresh noise of std sigma_up (k-diffusion `sample_euler_ancestral`, eta 1)."""
     denoise = _Denoiser(model_fn, parameterization)
     x = _start(x, sigmas[0].item())
     for i, t in enumerate(timesteps):
+        if blend is not None:  # inpainting: re-noise the known region to this step
+            x = blend(x, i)
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0 = denoise(x, sigma, t)
         sigma_up = min(sigma_next, (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if sigma_next > 0:
-            x = x + _noise(x, generator) * sigma_up
+            x = x + randn_like(x, generator) * sigma_up
         if callback is not None:
             callback({"i": i, "t": int(t), "sigma": sigma, "x": x, "x0": x0})
     return x
@@ -72,11 +72,13 @@ def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Ten
 
 @torch.no_grad()
 def sample_heun(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
-                parameterization: str, callback: Callback = None, **_) -> torch.Tensor:
+                parameterization: str, callback: Callback = None, blend: Blend = None, **_) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler for the final step to sigma 0."""
     denoise = _Denoiser(model_fn, parameterization)
     x = _start(x, sigmas[0].item())
     for i, t in enumerate(timesteps):
+        if blend is not None:  # inpainting: re-noise the known region to this step
+            x = blend(x, i)
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0 = denoise(x, sigma, t)
         d = (x - x0) / sigma
@@ -93,7 +95,7 @@ def sample_heun(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timest
 
 @torch.no_grad()
 def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
-                    parameterization: str, callback: Callback = None, **_) -> torch.Tensor:
+                    parameterization: str, callback: Callback = None, blend: Blend = None, **_) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) with lambda = -log sigma.
 
     First order on the first step and on the final step to sigma 0, second order (multistep) between.
@@ -102,6 +104,8 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, ti
     x = _start(x, sigmas[0].item())
     old_x0 = None
     for i, t in enumerate(timesteps):
+        if blend is not None:  # inpainting: re-noise the known region to this step
+            x = blend(x, i)
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0 = denoise(x, sigma, t)
         if sigma_next == 0:

@@ -1,0 +1,170 @@
+"""What txt2img.py and img2img.py share: flags, loading, the generation loop, numbered PNGs with metadata."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
+
+from autoencoder.errors import InputError
+
+from . import samplers
+from .attention import BACKENDS, set_attention_backend
+from .cli import autocast_dtype, pick_device
+from .loading import DEFAULT_MODEL, load_model
+from .model import LatentDiffusion
+
+
+def add_generation_args(p: argparse.ArgumentParser, *, outdir: str) -> None:
+    """The flags of the Stable Diffusion scripts that both commands take."""
+    p.add_argument("--prompt", default=None, help="what to draw")
+    p.add_argument("--from-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--negative_prompt", default="", help="what to steer away from (the unconditional side)")
+    p.add_argument("--outdir", default=outdir, help="folder for the images (never overwritten)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", choices=list(samplers.SAMPLERS), help="sampler")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1: no guidance)")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--n_samples", type=int, default=1, help="images per prompt in each iteration")
+    p.add_argument("--n_iter", type=int, default=1, help="iterations")
+    p.add_argument("--batch_size", type=int, default=4, help="most images sampled at once")
+    p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
+    p.add_argument("--ckpt", default=None, help="checkpoint (.safetensors or .ckpt); default: the embedded model")
+    p.add_argument("--config", default=None, help="original-style YAML for an original-format checkpoint")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--attention", default="sdpa", choices=BACKENDS, help="attention implementation")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
+                   help="also save a grid of each run's images")
+    p.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in tiles: large images, less memory")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if (args.prompt is None) == (args.from_file is None):
+        raise InputError("give either --prompt or --from-file")
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.from_file)
+    if not path.is_file():
+        raise InputError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.scale < 0:
+        raise InputError(f"--scale must be >= 0, got {args.scale}")
+    if not 0 <= args.ddim_eta <= 1:
+        raise InputError(f"--ddim_eta must be in [0, 1], got {args.ddim_eta}")
+    for name in ("n_samples", "n_iter", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+
+def model_hash(path: Path) -> str:
+    """The first 10 hex digits of the file's SHA-256 (the "Model hash" other tools print)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def load_for_generation(args: argparse.Namespace) -> tuple[LatentDiffusion, torch.device, str]:
+    """The model on its device, attention and tiling set; and its hash."""
+    device = pick_device(args.device)
+    autocast_dtype(args.precision, device)  # fail early on a precision the device cannot do
+    set_attention_backend(args.attention)
+    path = Path(args.ckpt) if args.ckpt else DEFAULT_MODEL
+    model = load_model(args.ckpt, config=args.config, device=device)
+    missing = [name for name in ("denoiser", "text_encoder") if getattr(model, name) is None]
+    if missing:
+        raise InputError(f"{path} has no {' and no '.join(missing)}: text-to-image needs a full latent diffusion model")
+    if args.vae_tiling:
+        model.autoencoder.enable_tiling()
+    return model, device, model_hash(path)
+
+
+def next_index(folder: Path, pattern: str) -> int:
+    """One past the highest number among files named like `pattern` (e.g. r"(\\d+)\\.png")."""
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def png_info(image: Image.Image, params: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """A "parameters" text chunk in the layout other SD tools read, plus the full record as JSON."""
+    record = {"prompt": image.info["prompt"], "negative_prompt": image.info["negative_prompt"],
+              "seed": image.info["seed"], **params}
+    info = PngImagePlugin.PngInfo()
+    text = (f"{record['prompt']}\nNegative prompt: {record['negative_prompt']}\n"
+            f"Steps: {params['steps']}, Sampler: {params['sampler']}, CFG scale: {params['scale']}, "
+            f"Seed: {record['seed']}, Size: {params['width']}x{params['height']}, Model hash: {params['model_hash']}")
+    info.add_text("parameters", text)
+    info.add_text("ldm", json.dumps(record, sort_keys=True))
+    return info
+
+
+def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, digest: str, prompts: list[str],
+        extra: dict[str, Any]) -> list[Path]:
+    """Generate `n_iter` x prompts x `n_samples` images; write numbered PNGs (and grids); report."""
+    outdir = Path(args.outdir)
+    sample_dir = outdir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    amp = autocast_dtype(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    per_iter = len(prompts) * args.n_samples
+    total_images = per_iter * args.n_iter
+    written: list[Path] = []
+    steps_run = len(samplers.plan(args.sampler, model.schedule, args.steps)[0])
+    if extra.get("init_image") is not None:
+        steps_run = max(1, min(steps_run, int(extra["strength"] * steps_run)))
+    batches = args.n_iter * -(-per_iter // args.batch_size)
+    bar = tqdm(total=batches * steps_run, desc=f"sampling {total_images} images", unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    for iteration in range(args.n_iter):
+        with autocast:
+            images = model.generate(prompts, negative_prompt=args.negative_prompt or None, steps=args.steps,
+                                    sampler=args.sampler, guidance_scale=args.scale, eta=args.ddim_eta,
+                                    seed=args.seed + iteration * per_iter, n_samples=args.n_samples,
+                                    batch_size=args.batch_size, callback=lambda _: bar.update(1), **extra)
+        index = next_index(sample_dir, r"(\d+)\.png")
+        width, height = images[0].size
+        params = {"steps": args.steps, "sampler": args.sampler, "scale": args.scale, "eta": args.ddim_eta,
+                  "width": width, "height": height, "model_hash": digest,
+                  **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}
+        for k, image in enumerate(images):
+            path = sample_dir / f"{index + k:05d}.png"
+            image.save(path, pnginfo=png_info(image, params))
+            written.append(path)
+        if args.grid and len(images) > 1:
+            grid_index = next_index(outdir, r"grid-(\d+)\.png")
+            grid_path = outdir / f"grid-{grid_index:04d}.png"
+            make_grid(images, columns=args.n_samples if len(prompts) > 1 else min(len(images), 4)).save(grid_path)
+            written.append(grid_path)
+    bar.close()
+    seconds = time.perf_counter() - start
+    print(f"wrote {total_images} images to {sample_dir}" + (f" and grids to {outdir}" if args.grid and total_images > 1 else "")
+          + f"; {seconds / total_images:.2f} s per image")
+    return written
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % columns) * width, (k // columns) * height))
+    return grid

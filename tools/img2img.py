@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Image-to-image (SDEdit) and inpainting: an image and a prompt in, images out.
+
+    python tools/img2img.py --init-img sketch.png --prompt "a fantasy landscape" --strength 0.75
+    python tools/img2img.py --init-img photo.png --mask mask.png --prompt "a red sofa"   # white = repaint
+
+The init image is resized to a multiple of the model's downsampling factor (8 for SD) if needed.
+`--strength` 1 starts from (almost) pure noise, small values stay close to the input. With
+`--mask`, only the white part is repainted: the black part is kept by re-noising the known latent
+at every step (any model), or through the extra input channels of an SD inpainting checkpoint.
+Outputs, metadata and flags otherwise as txt2img.py.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ldm import InputError
+from ldm.cli import run_cli
+from ldm.cli_generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
+
+
+def open_image(path: str, what: str) -> Image.Image:
+    if not Path(path).is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
+    return image
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generation_args(p, outdir="outputs/img2img-samples")
+    p.add_argument("--init-img", required=True, help="the image to start from")
+    p.add_argument("--strength", type=float, default=0.75, help="how much to change it, in (0, 1]")
+    p.add_argument("--mask", default=None, help="inpainting mask, same size as the image: white = repaint")
+    args = p.parse_args()
+    check_generation_args(args)
+    if not 0 < args.strength <= 1:
+        raise InputError(f"--strength must be in (0, 1], got {args.strength}")
+    prompts = read_prompts(args)
+    init = open_image(args.init_img, "init image")
+    mask = open_image(args.mask, "mask") if args.mask else None
+    if mask is not None and mask.size != init.size:
+        raise InputError(f"the mask is {mask.width}x{mask.height} but the init image is {init.width}x{init.height}; "
+                         "give a mask of the same size")
+    model, device, digest = load_for_generation(args)
+    f = model.autoencoder.downsampling_factor
+    width, height = max(f, init.width // f * f), max(f, init.height // f * f)
+    if (width, height) != init.size:
+        print(f"note: resized the init image from {init.width}x{init.height} to {width}x{height} "
+              f"(a multiple of {f})")
+        init = init.resize((width, height), Image.LANCZOS)
+        mask = mask.resize((width, height), Image.NEAREST) if mask is not None else None
+    run(args, model, device, digest, prompts, {"init_image": init, "strength": args.strength, "mask": mask})
+
+
+if __name__ == "__main__":
+    run_cli(main)
