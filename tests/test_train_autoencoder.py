@@ -89,7 +89,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     (["--data", "{empty}"], "no images found in"),
     (["--data", "{missing}"], "is neither an existing folder of images nor .tar shards"),
     (["--data", "{images}", "train.image_size=30"], "image_size=30 is not divisible by the downsampling factor 4; use 28 or 32"),
-    (["--data", "{images}", "train.batch_sise=4"], "no key 'batch_sise' in section train"),
+    (["--data", "{images}", "train.batch_sise=4"], "train config: unknown keys ['batch_sise']"),
     (["--data", "{images}", "loss.disc_loss=square"], "disc_loss"),
     (["--data", "{images}", "train.batch_size=64"], "fewer than one batch of 64"),
 ])

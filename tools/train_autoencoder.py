@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import time
 import warnings
@@ -37,6 +36,7 @@ from ldm.data import ImageFolder, build_image_dataset, split_held_out
 from ldm.data_order import ResumableBatchSampler, SeededItems
 from ldm.ema import EMA
 from ldm.loading import save_autoencoder
+from ldm.metrics_log import MetricsLog
 from ldm.run_checkpoints import latest_checkpoint, write_checkpoint_dir
 
 
@@ -268,33 +268,6 @@ def main() -> None:
     ema.copy_to(final)
     save_autoencoder(final, out / "autoencoder.safetensors", extra_metadata={"step": step})
     print(f"done: {step} steps; EMA weights in {out / 'autoencoder.safetensors'}")
-
-
-class MetricsLog:
-    """A CSV of metric rows; a row with new columns rewrites the file with the wider header."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: list[dict] = []
-        if path.is_file():
-            with open(path, newline="") as f:
-                self.rows = list(csv.DictReader(f))
-        self.fields = list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"]
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        new = [k for k in row if k not in self.fields]
-        if new or not self.path.is_file():
-            self.fields += new
-            tmp = self.path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.fields)
-                writer.writeheader()
-                writer.writerows(self.rows)
-            tmp.replace(self.path)
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
 def write_state(folder: Path, step: int, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc) -> None:

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Train a latent diffusion model on webdataset shards, alone or under torchrun.
+
+    python tools/train_ldm.py --config configs/ldm/tiny.yaml --data 'shards/{000000..000009}.tar' --out runs/ldm
+    torchrun --nproc_per_node 2 tools/train_ldm.py --config ... --data ... --out runs/ldm        # DDP (gloo on CPU)
+    python tools/train_ldm.py ... --resume                       # continue from the newest complete checkpoint
+    python tools/train_ldm.py ... --latents 'latents/{000000..000009}.tar'   # precomputed latents (encode_latents.py)
+
+The algorithm (DDPM Algorithm 1 on autoencoder latents, LDM sec. 3.3), per step:
+latents = scale_factor * E(x) -> t, noise -> x_t -> denoiser(x_t, t, text context) -> loss -> step -> EMA.
+The run folder gets metrics.csv, samples/ (grids of fixed prompts and seeds, EMA weights),
+checkpoints/step_*/ and, at the end, model.safetensors (EMA weights; ldm.load_model and txt2img --ckpt read it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from autoencoder.errors import InputError
+from ldm import diffusion
+from ldm.cli import apply_overrides, autocast_dtype, run_cli
+from ldm.cli_generate import make_grid
+from ldm.config import read_yaml
+from ldm.ema import EMA
+from ldm.metrics_log import MetricsLog
+from ldm.model import LatentDiffusion
+from ldm.run_checkpoints import latest_checkpoint
+from ldm.training import (TrainConfig, Trainable, all_reduce_mean, cleanup_distributed, export_ema, load_model_config,
+                          lr_at, restore_training_checkpoint, setup_distributed, state_of, timestep_buckets,
+                          write_training_checkpoint)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/ldm/tiny.yaml", help="YAML with model and train sections")
+    p.add_argument("--data", default=None, help="image-caption shards, e.g. 'shards/{000000..000009}.tar'")
+    p.add_argument("--latents", default=None, help="precomputed latent shards from tools/encode_latents.py instead")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value, e.g. train.lr=2e-4")
+    return p.parse_args()
+
+
+def batches(args, cfg: TrainConfig, rank: int, step: int):
+    """Endless batches: {"image" | "mean","std","context": tensors, "caption": list[str]}."""
+    from torch.utils.data import DataLoader
+
+    from ldm.caption_data import WebDatasetCaptions, WebDatasetLatents
+
+    seed = cfg.seed + 1000 * step  # a resumed run reshuffles rather than replaying the first batches
+    if args.latents:
+        dataset = WebDatasetLatents(args.latents, caption_dropout=cfg.caption_dropout,
+                                    shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+    else:
+        dataset = WebDatasetCaptions(args.data, cfg.image_size, caption_dropout=cfg.caption_dropout,
+                                     shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
+                        generator=torch.Generator().manual_seed(seed + rank))
+    while True:
+        yield from loader
+
+
+def _collate(items: list[dict]) -> dict:
+    out = {"caption": [item["caption"] for item in items], "key": [item["key"] for item in items]}
+    for name in ("image", "mean", "std"):
+        if name in items[0]:
+            out[name] = torch.stack([item[name] for item in items])
+    if "context" in items[0]:
+        out["context"] = [item["context"] for item in items]  # None where the caption was dropped
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if (args.data is None) == (args.latents is None):
+        raise InputError("give --data (image-caption shards) or --latents (precomputed latent shards)")
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    cfg = TrainConfig.from_dict({**(raw.get("train") or {}), **({"max_steps": args.max_steps} if args.max_steps else {})})
+    world = setup_distributed(args.device)
+    out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if args.resume else None
+    if not args.resume and latest_checkpoint(ckpt_root) is not None:
+        raise InputError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --out")
+
+    # The model: the same initial weights on every rank (same seed), then a seed per rank for t and noise.
+    torch.manual_seed(cfg.seed)
+    model_config, autoencoder_state = load_model_config(raw.get("model") or {})
+    model = LatentDiffusion(model_config)
+    if model.denoiser is None or model.text_encoder is None:
+        raise InputError("model config: training needs a denoiser and a text_encoder section")
+    if autoencoder_state is not None:
+        model.autoencoder.load_state_dict(autoencoder_state)
+    model.autoencoder.requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        for module in model.denoiser.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = True
+    model.to(world.device)
+    train_text = bool(getattr(model.text_encoder, "trainable", False))
+    trainable = Trainable(model.denoiser, model.text_encoder, train_text).to(world.device)
+    ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start)  # kept on the training device
+    if cfg.fsdp:
+        if world.device.type != "cuda":
+            raise InputError("train.fsdp needs CUDA GPUs; use DDP (the default) on the CPU")
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        net = FullyShardedDataParallel(trainable, device_id=world.device)
+    elif world.world_size > 1:
+        net = DistributedDataParallel(trainable, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    else:
+        net = trainable
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    amp = autocast_dtype(cfg.precision, world.device)
+    scaler = torch.amp.GradScaler(world.device.type, enabled=amp == torch.float16)
+    autocast = (lambda: torch.autocast(world.device.type, dtype=amp)) if amp else contextlib.nullcontext
+    step = 0
+    if resume_from is not None:
+        step = restore_training_checkpoint(resume_from, trainable, ema, optimizer, scaler)
+    torch.manual_seed(cfg.seed + 7919 * world.rank + step)
+    schedule = model.schedule
+    data = batches(args, cfg, world.rank, step)
+    uncond_context = None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        n_params = sum(p.numel() for p in params)
+        print(f"{'resumed at step ' + str(step) + ' from ' + str(resume_from) if resume_from else 'starting'}: "
+              f"{n_params / 1e6:.2f}M trainable parameters ({'denoiser + text encoder' if train_text else 'denoiser'}), "
+              f"{world.world_size} process(es) on {world.device}, global batch {cfg.batch_size} x {world.world_size} "
+              f"x {cfg.grad_accum} = {cfg.batch_size * world.world_size * cfg.grad_accum}, precision {cfg.precision}")
+    log = MetricsLog(out / "metrics.csv") if world.is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train ldm", disable=not world.is_main, dynamic_ncols=True)
+    t_last, seen = time.perf_counter(), 0
+    while step < cfg.max_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses, timesteps = [], []
+        for micro in range(cfg.grad_accum):
+            batch = next(data)
+            # 1. Latents: z = scale_factor * a sample of q(z|x) (encoded now, or from cached mean/std).
+            with torch.no_grad():
+                if "image" in batch:
+                    latents = model.encode_images(batch["image"].to(world.device))
+                else:
+                    mean, std = batch["mean"].to(world.device).float(), batch["std"].to(world.device).float()
+                    latents = model.scale_factor * (mean + std * torch.randn_like(mean))
+            # 2. Text: tokens through the (trainable) encoder, or the cached contexts of a frozen one.
+            if "context" in batch and not train_text:
+                if uncond_context is None:
+                    uncond_context = model.text_encoder.encode([""])
+                context = torch.cat([uncond_context if c is None else c[None].to(world.device).float()
+                                     for c in batch["context"]])
+                model_fn = lambda x, t, context=context: net(x, t, context=context)
+            else:
+                tokens = model.text_encoder.tokenize(batch["caption"]).to(world.device)
+                model_fn = lambda x, t, tokens=tokens: net(x, t, tokens)
+            # 3. The loss (DDPM "simple" objective, per sample) and its gradient.
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or world.world_size == 1 else net.no_sync()
+            with sync, autocast():
+                loss, t = diffusion.diffusion_loss(model_fn, latents, schedule, parameterization=model.parameterization,
+                                                   loss_type=cfg.loss_type, min_snr_gamma=cfg.min_snr_gamma,
+                                                   offset_noise=cfg.offset_noise)
+                scaler.scale(loss.mean() / cfg.grad_accum).backward()
+            losses.append(loss.detach())
+            timesteps.append(t)
+            seen += latents.shape[0] * world.world_size
+        # 4. Optimizer step with gradient clipping, then the EMA.
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(trainable, step)
+        step += 1
+        bar.update(1)
+
+        loss_all = torch.cat(losses)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean_loss = all_reduce_mean(loss_all.mean()).item()
+            if world.is_main:
+                now = time.perf_counter()
+                row = {"step": step, "loss": mean_loss, "lr": lr_at(step - 1, cfg), "grad_norm": float(grad_norm),
+                       "images_per_s": seen / max(now - t_last, 1e-9),
+                       **timestep_buckets(loss_all.cpu(), torch.cat(timesteps).cpu(), schedule.num_timesteps)}
+                if world.device.type == "cuda":
+                    row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(world.device) / 2 ** 30
+                log.write(row)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                t_last, seen = now, 0
+        if world.is_main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            with ema.applied_to(trainable):
+                trainable.eval()
+                images = model.generate(cfg.sample_prompts, steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,
+                                        seed=0, height=cfg.image_size, width=cfg.image_size)
+                trainable.train()
+            (out / "samples").mkdir(exist_ok=True)
+            make_grid(images, columns=len(images)).save(out / "samples" / f"step_{step:08d}.png")
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            trainable_state = state_of(net)
+            if world.is_main:
+                write_training_checkpoint(ckpt_root, step, model, trainable_state, ema, optimizer, scaler,
+                                          keep=cfg.keep_checkpoints)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+    bar.close()
+    if world.is_main:
+        export_ema(out / "model.safetensors", model, ema)
+        print(f"done: {step} steps; EMA weights in {out / 'model.safetensors'} "
+              f"(python tools/txt2img.py --ckpt {out / 'model.safetensors'} --prompt ...)")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_cli(main)
