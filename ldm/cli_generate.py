@@ -128,33 +128,37 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
     per_iter = len(prompts) * args.n_samples
     total_images = per_iter * args.n_iter
     written: list[Path] = []
+    # --steps against this model's training steps before `plan` uses it (the flags were checked without the model)
+    samplers.check_sampler_args(args.sampler, args.steps, model.schedule.num_timesteps, eta=args.ddim_eta)
     steps_run = len(samplers.plan(args.sampler, model.schedule, args.steps)[0])
     if extra.get("init_image") is not None:
         steps_run = max(1, min(steps_run, int(extra["strength"] * steps_run)))
     batches = args.n_iter * -(-per_iter // args.batch_size)
     bar = tqdm(total=batches * steps_run, desc=f"sampling {total_images} images", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
-    for iteration in range(args.n_iter):
-        with autocast:
-            images = model.generate(prompts, negative_prompt=args.negative_prompt or None, steps=args.steps,
-                                    sampler=args.sampler, guidance_scale=args.scale, eta=args.ddim_eta,
-                                    seed=args.seed + iteration * per_iter, n_samples=args.n_samples,
-                                    batch_size=args.batch_size, callback=lambda _: bar.update(1), **extra)
-        index = next_index(sample_dir, r"(\d+)\.png")
-        width, height = images[0].size
-        params = {"steps": args.steps, "sampler": args.sampler, "scale": args.scale, "eta": args.ddim_eta,
-                  "width": width, "height": height, "model_hash": digest,
-                  **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}
-        for k, image in enumerate(images):
-            path = sample_dir / f"{index + k:05d}.png"
-            image.save(path, pnginfo=png_info(image, params))
-            written.append(path)
-        if args.grid and len(images) > 1:
-            grid_index = next_index(outdir, r"grid-(\d+)\.png")
-            grid_path = outdir / f"grid-{grid_index:04d}.png"
-            make_grid(images, columns=args.n_samples if len(prompts) > 1 else min(len(images), 4)).save(grid_path)
-            written.append(grid_path)
-    bar.close()
+    try:  # close the bar on errors too, so that an error message starts on a line of its own
+        for iteration in range(args.n_iter):
+            with autocast:
+                images = model.generate(prompts, negative_prompt=args.negative_prompt or None, steps=args.steps,
+                                        sampler=args.sampler, guidance_scale=args.scale, eta=args.ddim_eta,
+                                        seed=args.seed + iteration * per_iter, n_samples=args.n_samples,
+                                        batch_size=args.batch_size, callback=lambda _: bar.update(1), **extra)
+            index = next_index(sample_dir, r"(\d+)\.png")
+            width, height = images[0].size
+            params = {"steps": args.steps, "sampler": args.sampler, "scale": args.scale, "eta": args.ddim_eta,
+                      "width": width, "height": height, "model_hash": digest,
+                      **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}
+            for k, image in enumerate(images):
+                path = sample_dir / f"{index + k:05d}.png"
+                image.save(path, pnginfo=png_info(image, params))
+                written.append(path)
+            if args.grid and len(images) > 1:
+                grid_index = next_index(outdir, r"grid-(\d+)\.png")
+                grid_path = outdir / f"grid-{grid_index:04d}.png"
+                make_grid(images, columns=args.n_samples if len(prompts) > 1 else min(len(images), 4)).save(grid_path)
+                written.append(grid_path)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     print(f"wrote {total_images} images to {sample_dir}" + (f" and grids to {outdir}" if args.grid and total_images > 1 else "")
           + f"; {seconds / total_images:.2f} s per image")

@@ -1,9 +1,9 @@
 """Training images: a folder of images or webdataset shards -> {"image": (3, H, W) in [-1, 1], "key": str}.
 
-Sources yield dicts so later stages (captions for text-to-image) can add keys. Unreadable images never
-stop a run: they are skipped, warned about once and counted in a `SkipReport`, per process: each
-DataLoader worker counts in its own copy of the dataset, unseen by the main process. To find every bad
-file up front, call `ImageFolder.verify()` in the main process.
+Sources yield dicts so later stages can add keys (captions and cached latents: `ldm.caption_data`).
+Unreadable images never stop a run: they are skipped, warned about once and counted in a `SkipReport`, per
+process: each DataLoader worker counts in its own copy of the dataset, unseen by the main process. To find
+every bad file up front, call `ImageFolder.verify()` in the main process.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import copy
 import functools
 import io
 import os
+import random
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -62,14 +63,15 @@ class SkipReport:
         return self.examples[i]
 
 
-def _open_image(source: str | Path | IO[bytes]) -> Image.Image:
-    """Decode fully now, so corrupt or truncated data fails here, inside the caller's skip handling."""
+def open_image(source: str | Path | IO[bytes]) -> Image.Image:
+    """An image file, upright (EXIF rotation applied). Decoded fully now, so corrupt or truncated data fails
+    here, inside the caller's skip handling."""
     with Image.open(source) as image:
         image.load()
         return ImageOps.exif_transpose(image)  # photos stored sideways with an EXIF rotation tag
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB, with transparent pixels composited on white."""
     if image.mode.startswith("I"):  # "I", "I;16", "I;16B", ...
         # 16-bit grayscale: Pillow clips to 255 when converting, so scale to 8 bits first
@@ -80,7 +82,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _transform(image: Image.Image, *, size: int, random_crop: bool, random_flip: bool) -> torch.Tensor:
-    image = _to_rgb(image)
+    image = to_rgb(image)
     image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side
     if random_crop:
         image = TF.crop(image, *RandomCrop.get_params(image, (size, size)))
@@ -101,7 +103,7 @@ def image_transform(size: int, *, random_crop: bool, random_flip: bool) -> Calla
     return functools.partial(_transform, size=size, random_crop=random_crop, random_flip=random_flip)
 
 
-def _list_images(root: Path) -> list[str]:
+def list_images(root: Path) -> list[str]:
     """Relative posix paths of the image files under `root`, sorted; hidden files and folders left out."""
     found = []
     for folder, subfolders, names in os.walk(root, followlinks=True):
@@ -122,7 +124,7 @@ class ImageFolder(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise InputError(f"image folder {self.root} does not exist or is not a folder; {DATA_HINT}")
-        self.files = _list_images(self.root)
+        self.files = list_images(self.root)
         if not self.files:
             raise InputError(f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}); {DATA_HINT}")
         self.size = size
@@ -162,7 +164,7 @@ class ImageFolder(Dataset):
         if i in self._unreadable:
             return None
         try:
-            return _open_image(self.root / self.files[i])
+            return open_image(self.root / self.files[i])
         except Exception as exn:  # PIL raises many types on bad data: OSError, SyntaxError, ValueError, ...
             self._unreadable.add(i)
             self.skip_report.add(self.files[i], exn)
@@ -188,15 +190,72 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     return expanded
 
 
-class WebDatasetImages(IterableDataset):
-    """Images from webdataset .tar shards: {"image": tensor, "key": __key__}; broken shards and samples are
-    skipped and recorded in `self.skip_report` (`self.skipped` is its count), per process.
+class ShardStream(IterableDataset):
+    """Samples from webdataset .tar shards; broken shards, and samples `_decode` rejects, are skipped and recorded
+    in `self.skip_report` (`self.skipped` is its count), per process. Subclasses define `_decode`.
 
     resampled=True (training): endless; each rank and worker draws shards with replacement, seeded by (seed,
     rank, worker, epoch), so no splitting is needed; fresh workers replay the same draws, so pass a new
     `seed` when resuming. resampled=False: one pass; shards are shuffled alike on every rank, then split by
     node and by worker, so each is read once. `shuffle_buffer=0` turns all shuffling off.
     """
+
+    def __init__(self, urls: str | Sequence[str], *, shuffle_buffer: int = 1000, resampled: bool = True, seed: int = 0):
+        super().__init__()
+        self.urls = expand_shards(urls)
+        self.seed = seed
+        self.skip_report = SkipReport()
+        if resampled:
+            stages: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
+        else:
+            stages = [wds.SimpleShardList(self.urls)]
+            if shuffle_buffer > 0:
+                stages.append(wds.detshuffle(len(self.urls), initial=len(self.urls), seed=seed))
+            stages += [wds.split_by_node, wds.split_by_worker]
+        stages.append(wds.tarfile_to_samples(handler=self._skip_shard))
+        if shuffle_buffer > 0 and resampled:
+            # Ranks and workers may draw the same shard: give each its own sample order too.
+            self._shuffle_args = (shuffle_buffer, min(shuffle_buffer, 100))
+            stages.append(self._rank_shuffle)
+        elif shuffle_buffer > 0:
+            stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+        stages.append(self._decode)
+        self.pipeline = wds.DataPipeline(*stages)
+
+    def _rank_shuffle(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A shuffle buffer seeded by (seed, rank, worker): deterministic, different on every rank and worker."""
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        bufsize, initial = self._shuffle_args
+        yield from wds.filters._shuffle(samples, bufsize, initial, random.Random(f"{self.seed}-{rank}-{worker}"))
+
+    def _skip_shard(self, exn: Exception) -> bool:
+        """webdataset handler: record a broken shard once (its url or open file is in exn.args) and go on."""
+        text = " ".join(map(str, exn.args))
+        shard = max((url for url in self.urls if url in text), key=len, default="<unknown shard>")
+        self.skip_report.add(shard, exn)
+        return True
+
+    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Raw samples (dicts of bytes by extension, with __key__ and __url__) -> output dicts."""
+        raise NotImplementedError
+
+    @staticmethod
+    def sample_name(sample: dict[str, Any]) -> str:
+        """'shard-url:key', the name a skipped sample is reported under."""
+        return f"{sample.get('__url__')}:{sample['__key__']}"
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.pipeline)
+
+    @property
+    def skipped(self) -> int:
+        """How many broken shards and samples this process has skipped."""
+        return self.skip_report.count
+
+
+class WebDatasetImages(ShardStream):
+    """Images from webdataset .tar shards: {"image": tensor, "key": __key__}; shuffling, splitting and skipping
+    as `ShardStream`."""
 
     def __init__(
         self,
@@ -209,51 +268,27 @@ class WebDatasetImages(IterableDataset):
         resampled: bool = True,
         seed: int = 0,
     ):
-        super().__init__()
-        self.urls = expand_shards(urls)
         self.transform = image_transform(size, random_crop=random_crop, random_flip=random_flip)
-        self.skip_report = SkipReport()
-        if resampled:
-            stages: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
-        else:
-            stages = [wds.SimpleShardList(self.urls)]
-            if shuffle_buffer > 0:
-                stages.append(wds.detshuffle(len(self.urls), initial=len(self.urls), seed=seed))
-            stages += [wds.split_by_node, wds.split_by_worker]
-        stages.append(wds.tarfile_to_samples(handler=self._skip_shard))
-        if shuffle_buffer > 0:
-            stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
-        stages.append(self._decode)
-        self.pipeline = wds.DataPipeline(*stages)
-
-    def _skip_shard(self, exn: Exception) -> bool:
-        """webdataset handler: record a broken shard once (its url or open file is in exn.args) and go on."""
-        text = " ".join(map(str, exn.args))
-        shard = max((url for url in self.urls if url in text), key=len, default="<unknown shard>")
-        self.skip_report.add(shard, exn)
-        return True
+        super().__init__(urls, shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
 
     def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in samples:
-            name = f"{sample.get('__url__')}:{sample['__key__']}"
-            key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
-            if key is None:
-                self.skip_report.add(name, f"no image in sample (looked for .{', .'.join(SHARD_IMAGE_KEYS)})")
-                continue
-            try:
-                image = _open_image(io.BytesIO(sample[key]))
-            except Exception as exn:
-                self.skip_report.add(name, exn)
-                continue
-            yield {"image": self.transform(image), "key": sample["__key__"]}
+            if (image := decode_shard_image(sample, self.skip_report)) is not None:
+                yield {"image": self.transform(image), "key": sample["__key__"]}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.pipeline)
 
-    @property
-    def skipped(self) -> int:
-        """How many broken shards and samples this process has skipped."""
-        return self.skip_report.count
+def decode_shard_image(sample: dict[str, Any], skip_report: SkipReport) -> Image.Image | None:
+    """The image of a raw shard sample (.jpg, .jpeg, .png or .webp), or None, recorded in `skip_report`."""
+    name = ShardStream.sample_name(sample)
+    key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+    if key is None:
+        skip_report.add(name, f"no image in sample (looked for .{', .'.join(SHARD_IMAGE_KEYS)})")
+        return None
+    try:
+        return open_image(io.BytesIO(sample[key]))
+    except Exception as exn:  # PIL raises many types on bad data
+        skip_report.add(name, exn)
+        return None
 
 
 def build_image_dataset(source: str, size: int, *, train: bool = True, **kw: Any) -> ImageFolder | WebDatasetImages:

@@ -67,7 +67,9 @@ def generate(model: "LatentDiffusion", prompts: str | Sequence[str], *, negative
              guidance_scale: float = 7.5, eta: float = 0.0, seed: int | None = None, n_samples: int = 1,
              init_image: Image.Image | None = None, strength: float = 0.75, mask: Image.Image | None = None,
              callback: Callable[[dict], None] | None = None, batch_size: int = 4) -> list[Image.Image]:
-    """Images for each prompt, `n_samples` each; image k uses seed `seed + k` (reproducible alone).
+    """Images for each prompt, `n_samples` each; image k uses seed `seed + k` (reproducible alone: its noise
+    does not depend on the batch; bit-exact when generated with the same `batch_size`, otherwise to
+    within the rounding of batched kernels).
 
     Each image's `.info` holds its prompt, negative prompt and seed. With `init_image`: SDEdit
     image-to-image at `strength`; with `mask` too (white = repaint): inpainting, by the masked
@@ -158,7 +160,8 @@ def _sample_batch(model, batch, uncond_text, init, latent_h, latent_w, *, steps,
         return model.sample(cond, uncond, x_T=x_T, init_latent=init_latent, strength=strength, **kwargs)
     latent_repaint = F.interpolate(repaint, size=(latent_h, latent_w), mode="nearest").to(dtype)
     if _is_inpainting_unet(model):
-        return _sample_inpainting_unet(model, cond, uncond, x_T, pixels, repaint, latent_repaint, kwargs)
+        return _sample_inpainting_unet(model, cond, uncond, x_T, pixels, repaint, latent_repaint,
+                                       dict(kwargs, init_latent=init_latent, strength=strength))
     return model.sample(cond, uncond, x_T=x_T, init_latent=init_latent, strength=strength,
                         keep_mask=1 - latent_repaint, **kwargs)
 

@@ -48,8 +48,10 @@ class TrainConfig:
     sample_every: int = 1000
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
+    log_sample_keys: bool = False       # write OUT/sample_keys/rank{r}.tsv: keys seen and a weight checksum per step
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    resampled: bool = True              # endless shards drawn with replacement; false: split by rank, once per pass
     seed: int = 0
     sample_prompts: list[str] = field(default_factory=lambda: ["a red apple", "a yellow star"])
     sample_steps: int = 25

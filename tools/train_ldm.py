@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def batches(args, cfg: TrainConfig, rank: int, step: int):
-    """Endless batches: {"image" | "mean","std","context": tensors, "caption": list[str]}."""
+    """(the dataset, for its skip count; endless batches {"image" | "mean","std","context", "caption", "key"})."""
     from torch.utils.data import DataLoader
 
     from ldm.caption_data import WebDatasetCaptions, WebDatasetLatents
@@ -59,14 +59,18 @@ def batches(args, cfg: TrainConfig, rank: int, step: int):
     seed = cfg.seed + 1000 * step  # a resumed run reshuffles rather than replaying the first batches
     if args.latents:
         dataset = WebDatasetLatents(args.latents, caption_dropout=cfg.caption_dropout,
-                                    shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+                                    shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed)
     else:
         dataset = WebDatasetCaptions(args.data, cfg.image_size, caption_dropout=cfg.caption_dropout,
-                                     shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+                                     shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
                         generator=torch.Generator().manual_seed(seed + rank))
-    while True:
-        yield from loader
+
+    def endless():
+        while True:
+            yield from loader
+
+    return dataset, endless()
 
 
 def _collate(items: list[dict]) -> dict:
@@ -127,7 +131,11 @@ def main() -> None:
         step = restore_training_checkpoint(resume_from, trainable, ema, optimizer, scaler)
     torch.manual_seed(cfg.seed + 7919 * world.rank + step)
     schedule = model.schedule
-    data = batches(args, cfg, world.rank, step)
+    dataset, data = batches(args, cfg, world.rank, step)
+    key_log = None
+    if cfg.log_sample_keys:  # an audit of what each rank saw, with a checksum of its weights after each step
+        (out / "sample_keys").mkdir(parents=True, exist_ok=True)
+        key_log = open(out / "sample_keys" / f"rank{world.rank}.tsv", "a")
     uncond_context = None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -143,9 +151,10 @@ def main() -> None:
     while step < cfg.max_steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses, timesteps = [], []
+        losses, timesteps, keys = [], [], []
         for micro in range(cfg.grad_accum):
             batch = next(data)
+            keys += batch["key"]
             # 1. Latents: z = scale_factor * a sample of q(z|x) (encoded now, or from cached mean/std).
             with torch.no_grad():
                 if "image" in batch:
@@ -182,6 +191,10 @@ def main() -> None:
         ema.update(trainable, step)
         step += 1
         bar.update(1)
+        if key_log is not None:
+            checksum = sum(p.detach().double().abs().sum().item() for p in params)
+            key_log.write(f"{step}\t{','.join(keys)}\t{checksum:.12e}\n")
+            key_log.flush()
 
         loss_all = torch.cat(losses)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -191,6 +204,8 @@ def main() -> None:
                 row = {"step": step, "loss": mean_loss, "lr": lr_at(step - 1, cfg), "grad_norm": float(grad_norm),
                        "images_per_s": seen / max(now - t_last, 1e-9),
                        **timestep_buckets(loss_all.cpu(), torch.cat(timesteps).cpu(), schedule.num_timesteps)}
+                if dataset.skipped:
+                    row["skipped_samples"] = dataset.skipped  # counted in this process (all, with num_workers 0)
                 if world.device.type == "cuda":
                     row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(world.device) / 2 ** 30
                 log.write(row)

@@ -1,0 +1,174 @@
+"""Text-to-image training data from webdataset shards: images with captions, or cached latents with contexts.
+
+Image shards as `tools/make_shards.py` writes them: KEY.jpg or KEY.png, KEY.txt (the caption) and KEY.json
+(metadata, with the caption again under "caption"). Latent shards as `tools/encode_latents.py` writes them:
+KEY.mean.npy and KEY.std.npy (float16 (C, h, w), the autoencoder posterior's mean and std), KEY.ctx.npy
+(float16 (tokens, dim), the text encoder's output for the caption; optional) and KEY.txt.
+
+Caption dropout makes classifier-free guidance possible (Ho & Salimans 2022, "Classifier-Free Diffusion
+Guidance", Algorithm 1): with probability p a caption becomes "". The coin is a generator seeded by (seed,
+rank, worker, epoch), so the same run drops the same captions. Shuffling, node/worker splitting and the
+skipping and counting of broken shards and samples are `ldm.data.ShardStream`'s.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from autoencoder.errors import InputError
+from ldm.data import ShardStream, decode_shard_image, image_transform
+
+
+def read_caption(sample: dict[str, Any]) -> str:
+    """The caption of a raw shard sample: .txt (UTF-8, outer whitespace stripped), else .json["caption"].
+    Raises ValueError (KeyError for none at all) on a sample without a readable caption."""
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8").strip()
+    if "json" in sample:
+        caption = json.loads(sample["json"]).get("caption")
+        if isinstance(caption, str):
+            return caption.strip()
+    raise KeyError("no caption in sample (looked for .txt and .json 'caption')")
+
+
+class _CaptionedShards(ShardStream):
+    """A `ShardStream` whose samples carry a caption, dropped to "" with probability `caption_dropout`."""
+
+    def __init__(self, urls: str | Sequence[str], *, caption_dropout: float, shuffle_buffer: int, resampled: bool,
+                 seed: int):
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise InputError(f"caption dropout is a probability between 0 and 1, got {caption_dropout}")
+        self.caption_dropout = caption_dropout
+        self._epoch = -1  # one per pass over the pipeline, like webdataset's own shuffles
+        super().__init__(urls, shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
+
+    def _dropout_rng(self) -> random.Random:
+        """A new coin for this pass, seeded by (seed, rank, worker, epoch): ranks and workers drop independently."""
+        self._epoch += 1
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        return random.Random(wds.utils.make_seed(self.seed, rank, worker, self._epoch))
+
+    def _caption(self, sample: dict[str, Any]) -> str | None:
+        """The sample's caption, or None, recorded in the skip report."""
+        try:
+            return read_caption(sample)
+        except (KeyError, ValueError) as exn:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            self.skip_report.add(self.sample_name(sample), exn)
+            return None
+
+
+class WebDatasetCaptions(_CaptionedShards):
+    """Image-caption shards -> {"image": float32 (3, size, size) in [-1, 1], "caption": str, "key": __key__}.
+
+    Images are resized (shorter side, bicubic), cropped (random or center) and optionally flipped by
+    `ldm.data.image_transform`; a dropped caption is "". Samples without a readable image or caption are
+    skipped and counted in `self.skip_report`, as are broken shards."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        size: int,
+        *,
+        caption_dropout: float = 0.1,
+        random_crop: bool = True,
+        random_flip: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        seed: int = 0,
+    ):
+        self.transform = image_transform(size, random_crop=random_crop, random_flip=random_flip)
+        super().__init__(urls, caption_dropout=caption_dropout, shuffle_buffer=shuffle_buffer, resampled=resampled,
+                         seed=seed)
+
+    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        coin = self._dropout_rng()
+        for sample in samples:
+            if (caption := self._caption(sample)) is None:
+                continue
+            if (image := decode_shard_image(sample, self.skip_report)) is None:
+                continue
+            if coin.random() < self.caption_dropout:  # p = 0 never drops, p = 1 always: random() is in [0, 1)
+                caption = ""
+            yield {"image": self.transform(image), "caption": caption, "key": sample["__key__"]}
+
+
+def _load_npy(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """.npy bytes -> a tensor of `dtype` (never unpickles: object arrays are refused)."""
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)).to(dtype)
+
+
+class WebDatasetLatents(_CaptionedShards):
+    """Cached-latent shards -> {"mean", "std": (C, h, w), "context": (tokens, dim) or None, "caption": str, "key"}.
+
+    Tensors come back as `dtype` (float32 by default; they are stored as float16). A dropped caption gives
+    caption "" and context None: the trainer substitutes the unconditional context (`collate_latents` does).
+    A sample without ctx.npy has context None and keeps its caption, for a trainer that encodes text itself.
+    Samples without mean/std (or with mismatched shapes) or a caption are skipped and counted."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        caption_dropout: float = 0.1,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.dtype = dtype
+        super().__init__(urls, caption_dropout=caption_dropout, shuffle_buffer=shuffle_buffer, resampled=resampled,
+                         seed=seed)
+
+    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        coin = self._dropout_rng()
+        for sample in samples:
+            if (caption := self._caption(sample)) is None:
+                continue
+            try:
+                mean, std = (_load_npy(sample[name], self.dtype) for name in ("mean.npy", "std.npy"))
+                context = _load_npy(sample["ctx.npy"], self.dtype) if "ctx.npy" in sample else None
+                if mean.shape != std.shape:
+                    raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape")
+            except Exception as exn:  # KeyError for a missing array, ValueError for bad .npy data
+                self.skip_report.add(self.sample_name(sample), exn)
+                continue
+            if coin.random() < self.caption_dropout:
+                caption, context = "", None
+            yield {"mean": mean, "std": std, "context": context, "caption": caption, "key": sample["__key__"]}
+
+
+# the names the training scripts use
+caption_dataset = WebDatasetCaptions
+latent_dataset = WebDatasetLatents
+
+
+def collate_latents(samples: list[dict[str, Any]], *, uncond_context: torch.Tensor | None = None) -> dict[str, Any]:
+    """A DataLoader batch of `WebDatasetLatents` samples: mean and std stacked, caption and key as lists, context
+    stacked with `uncond_context` (the text encoder's output for "") in the rows of dropped captions.
+
+    context is None when no sample has one and no `uncond_context` is given (the trainer encodes the captions).
+    Use `functools.partial(collate_latents, uncond_context=...)` as `collate_fn`."""
+    contexts = [sample["context"] for sample in samples]
+    if all(context is None for context in contexts) and uncond_context is None:
+        stacked = None
+    else:
+        for sample, context in zip(samples, contexts):
+            if context is None and sample["caption"] != "":
+                raise ValueError(f"latent sample {sample['key']} has a caption but no ctx.npy: shards without text "
+                                 "contexts need the captions encoded in the training loop")
+            if context is None and uncond_context is None:
+                raise ValueError("a caption was dropped: pass uncond_context, the text encoder's output for \"\"")
+        stacked = torch.stack([uncond_context.to(samples[0]["mean"].dtype) if c is None else c for c in contexts])
+    return {
+        "mean": torch.stack([sample["mean"] for sample in samples]),
+        "std": torch.stack([sample["std"] for sample in samples]),
+        "context": stacked,
+        "caption": [sample["caption"] for sample in samples],
+        "key": [sample["key"] for sample in samples],
+    }

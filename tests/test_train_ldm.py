@@ -1,0 +1,150 @@
+"""tools/train_ldm.py end to end: one process, two under torchrun, SIGKILL and resume, latent caching."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import webdataset as wds
+
+import ldm
+from ldm.run_checkpoints import latest_checkpoint, list_checkpoints
+
+from helpers import REPO, write_real_images
+
+CAPTIONS = ["red apple", "grinning face", "yellow star", "blue heart"]
+FAST = ["train.batch_size=4", "train.log_every=1", "train.sample_every=1000", "train.warmup_steps=2",
+        "train.num_workers=0", "train.shuffle_buffer=20"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two shards of 16 real images with captions (written directly, as make_shards.py would)."""
+    root = tmp_path_factory.mktemp("ldm_data")
+    images = write_real_images(root / "images", 32)
+    for shard in range(2):
+        with wds.TarWriter(str(root / f"{shard:06d}.tar")) as sink:
+            for k, path in enumerate(images[shard * 16:(shard + 1) * 16]):
+                sink.write({"__key__": f"s{shard}_{k:03d}", "png": path.read_bytes(),
+                            "txt": CAPTIONS[k % len(CAPTIONS)]})
+    return str(root / "{000000..000001}.tar")
+
+
+def train(*args, launcher=(sys.executable,), check=True, **kwargs):
+    cmd = [*launcher, str(REPO / "tools" / "train_ldm.py"), "--config", str(REPO / "configs/ldm/tiny.yaml"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def test_one_process_trains_and_the_model_generates(shards, tmp_path):
+    run = tmp_path / "run"
+    result = train("--data", shards, "--out", str(run), "--max-steps", "4", *FAST, "train.ckpt_every=2",
+                   "train.sample_every=4", "train.sample_steps=2")
+    assert "global batch 4 x 1 x 1 = 4" in result.stdout
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    assert any(k.startswith("loss_t") for k in rows[0])  # loss by timestep bucket
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002", "step_00000004"]
+    assert (run / "samples" / "step_00000004.png").is_file()
+    model = ldm.load_model(run / "model.safetensors")  # the final EMA checkpoint
+    ema = ldm.load_model(run / "checkpoints" / "step_00000004" / "ema.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))
+    images = model.generate(["red apple"], steps=2, seed=0)
+    assert images[0].size == (32, 32)
+    out = subprocess.run([sys.executable, "tools/txt2img.py", "--ckpt", str(run / "model.safetensors"), "--prompt",
+                          "red apple", "--steps", "2", "--outdir", str(tmp_path / "t2i")], capture_output=True,
+                         text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "t2i" / "samples" / "00000.png").is_file()
+
+
+def test_two_processes_see_different_samples_and_stay_in_sync(shards, tmp_path):
+    run = tmp_path / "run"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    train("--data", shards, "--out", str(run), "--max-steps", "3", *FAST, "train.ckpt_every=3",
+          "train.log_sample_keys=true", "train.resampled=false", launcher=torchrun, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    logs = [(run / "sample_keys" / f"rank{r}.tsv").read_text().splitlines() for r in (0, 1)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for line0, line1 in zip(*logs):
+        step0, keys0, sum0 = line0.split("\t")
+        step1, keys1, sum1 = line1.split("\t")
+        assert step0 == step1
+        # split_by_node: each rank reads its own shard, so the samples differ
+        assert set(keys0.split(",")).isdisjoint(keys1.split(","))
+        assert {k[:2] for k in keys0.split(",")} != {k[:2] for k in keys1.split(",")}
+        assert sum0 == sum1  # identical weights after every step (gradients all-reduced)
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000003"
+
+
+def test_sigkill_then_resume(shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "tools" / "train_ldm.py"), "--config", str(REPO / "configs/ldm/tiny.yaml"),
+           "--data", shards, "--out", str(run), "--max-steps", "1000", *FAST, "train.ckpt_every=2"]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list_checkpoints(run / "checkpoints")) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)  # at an arbitrary moment, possibly mid-checkpoint
+    process.wait()
+    before = list_checkpoints(run / "checkpoints")
+    assert len(before) >= 2
+    for folder in before:  # every visible checkpoint is complete and loads
+        ldm.load_model(folder / "ema.safetensors")
+        torch.load(folder / "train_state.pt", weights_only=True)
+    resumed_from = int(before[-1].name.split("_")[1])
+    result = train("--data", shards, "--out", str(run), "--max-steps", str(resumed_from + 2), *FAST,
+                   "train.ckpt_every=2", "--resume")
+    assert f"resumed at step {resumed_from}" in result.stdout
+    assert latest_checkpoint(run / "checkpoints").name == f"step_{resumed_from + 2:08d}"
+
+
+def test_latent_caching_gives_the_same_loss(shards, tmp_path):
+    """The same batch, the same RNG state: cached mean/std reproduce the on-the-fly encoding's loss."""
+    from ldm.caption_data import WebDatasetCaptions, WebDatasetLatents
+    from ldm.diffusion import diffusion_loss
+
+    out = tmp_path / "latents"
+    result = subprocess.run([sys.executable, "tools/encode_latents.py", "--config", "configs/ldm/tiny.yaml", "--data",
+                             shards, "--out", str(out / "%06d.tar"), "--dtype", "float32", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    sys.path.insert(0, str(REPO / "tools"))
+    from encode_latents import build_model
+
+    model, _ = build_model(str(REPO / "configs/ldm/tiny.yaml"), [], torch.device("cpu"))
+    images = [s for _, s in zip(range(4), WebDatasetCaptions(shards, 32, caption_dropout=0.0, random_crop=False,
+                                                                random_flip=False, shuffle_buffer=0, resampled=False))]
+    cached = {s["key"]: s for s in WebDatasetLatents(str(out / "000000.tar"), caption_dropout=0.0, shuffle_buffer=0,
+                                                      resampled=False)}
+    batch = torch.stack([s["image"] for s in images])
+    mean = torch.stack([cached[s["key"]]["mean"] for s in images])
+    std = torch.stack([cached[s["key"]]["std"] for s in images])
+    context = model.text_encoder.encode([s["caption"] for s in images])
+    model_fn = lambda x, t: model.denoiser(x, t, context)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        on_the_fly = diffusion_loss(model_fn, model.encode_images(batch), model.schedule, parameterization="eps")[0]
+        torch.manual_seed(5)
+        latents = model.scale_factor * (mean + std * torch.randn_like(mean))
+        from_cache = diffusion_loss(model_fn, latents, model.schedule, parameterization="eps")[0]
+    torch.testing.assert_close(from_cache, on_the_fly, rtol=1e-5, atol=1e-6)
+    # And training runs from the cache.
+    train("--latents", str(out / "000000.tar"), "--out", str(tmp_path / "run"), "--max-steps", "2", *FAST)
+
+
+def test_bad_input(tmp_path, shards):
+    result = train("--out", str(tmp_path / "run"), check=False)
+    assert result.returncode == 2 and "give --data" in result.stderr
+    result = train("--data", str(tmp_path / "missing-{000000..000001}.tar"), "--out", str(tmp_path / "run"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = train("--data", shards, "--out", str(tmp_path / "run"), "train.batch_sise=3", check=False)
+    assert result.returncode == 2 and "unknown keys ['batch_sise']" in result.stderr
