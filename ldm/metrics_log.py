@@ -30,3 +30,29 @@ class MetricsLog:
         else:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.fields).writerow(row)
+
+
+class TensorBoardLog:
+    """The same rows as TensorBoard scalars (`tensorboard --logdir RUN/tensorboard`)."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, row: dict) -> None:
+        step = int(row["step"])
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        import numpy as np
+
+        self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+

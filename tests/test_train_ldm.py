@@ -55,6 +55,11 @@ def test_one_process_trains_and_the_model_generates(shards, tmp_path):
     assert any(k.startswith("loss_t") for k in rows[0])  # loss by timestep bucket
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002", "step_00000004"]
     assert (run / "samples" / "step_00000004.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert "samples" in events.Tags()["images"]
     model = ldm.load_model(run / "model.safetensors")  # the final EMA checkpoint
     ema = ldm.load_model(run / "checkpoints" / "step_00000004" / "ema.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))

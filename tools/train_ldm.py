@@ -8,7 +8,7 @@
 
 The algorithm (DDPM Algorithm 1 on autoencoder latents, LDM sec. 3.3), per step:
 latents = scale_factor * E(x) -> t, noise -> x_t -> denoiser(x_t, t, text context) -> loss -> step -> EMA.
-The run folder gets metrics.csv, samples/ (grids of fixed prompts and seeds, EMA weights),
+The run folder gets metrics.csv and tensorboard/ (loss, loss per timestep range, lr, images/s, GPU memory), samples/ (grids of fixed prompts and seeds, EMA weights),
 checkpoints/step_*/ and, at the end, model.safetensors (EMA weights; ldm.load_model and txt2img --ckpt read it).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ldm.cli import apply_overrides, autocast_dtype, run_cli
 from ldm.cli_generate import make_grid
 from ldm.config import read_yaml
 from ldm.ema import EMA
-from ldm.metrics_log import MetricsLog
+from ldm.metrics_log import MetricsLog, TensorBoardLog
 from ldm.model import LatentDiffusion
 from ldm.run_checkpoints import latest_checkpoint
 from ldm.training import (TrainConfig, Trainable, all_reduce_mean, cleanup_distributed, export_ema, load_model_config,
@@ -146,6 +146,7 @@ def main() -> None:
               f"{world.world_size} process(es) on {world.device}, global batch {cfg.batch_size} x {world.world_size} "
               f"x {cfg.grad_accum} = {cfg.batch_size * world.world_size * cfg.grad_accum}, precision {cfg.precision}")
     log = MetricsLog(out / "metrics.csv") if world.is_main else None
+    board = TensorBoardLog(out / "tensorboard") if world.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train ldm", disable=not world.is_main, dynamic_ncols=True)
     t_last, seen = time.perf_counter(), 0
     while step < cfg.max_steps:
@@ -209,6 +210,7 @@ def main() -> None:
                 if world.device.type == "cuda":
                     row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(world.device) / 2 ** 30
                 log.write(row)
+                board.write(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 t_last, seen = now, 0
         if world.is_main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
@@ -218,7 +220,9 @@ def main() -> None:
                                         seed=0, height=cfg.image_size, width=cfg.image_size)
                 trainable.train()
             (out / "samples").mkdir(exist_ok=True)
-            make_grid(images, columns=len(images)).save(out / "samples" / f"step_{step:08d}.png")
+            grid = make_grid(images, columns=len(images))
+            grid.save(out / "samples" / f"step_{step:08d}.png")
+            board.add_image("samples", grid, step)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             trainable_state = state_of(net)
             if world.is_main:
@@ -228,6 +232,7 @@ def main() -> None:
                 torch.distributed.barrier()
     bar.close()
     if world.is_main:
+        board.close()
         export_ema(out / "model.safetensors", model, ema)
         print(f"done: {step} steps; EMA weights in {out / 'model.safetensors'} "
               f"(python tools/txt2img.py --ckpt {out / 'model.safetensors'} --prompt ...)")
