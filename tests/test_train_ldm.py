@@ -153,3 +153,11 @@ def test_bad_input(tmp_path, shards):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     result = train("--data", shards, "--out", str(tmp_path / "run"), "train.batch_sise=3", check=False)
     assert result.returncode == 2 and "unknown keys ['batch_sise']" in result.stderr
+
+
+def test_the_dit_trains_with_the_same_script(shards, tmp_path):
+    run = tmp_path / "run"
+    train("--data", shards, "--out", str(run), "--max-steps", "2", *FAST,
+          "model.denoiser={type: dit, size: DiT-tiny/2, in_channels: 4, input_size: 8, context_dim: 128}")
+    model = ldm.load_model(run / "model.safetensors")
+    assert type(model.denoiser).__name__ == "DiT"
