@@ -1,0 +1,70 @@
+"""tools/prepare_emoji.py on tarballs laid out like the emoji-datasource npm packages (made here, offline)."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from helpers import REPO
+
+ENTRIES = [
+    {"name": "RED APPLE", "image": "1f34e.png", "short_names": ["apple"], "category": "Food & Drink",
+     "subcategory": "food-fruit", "sort_order": 2},
+    {"name": "Japan Flag", "image": "1f1ef-1f1f5.png", "short_names": ["jp"], "category": "Flags",
+     "subcategory": "country-flag", "sort_order": 3},
+    {"name": "FATHER CHRISTMAS", "image": "1f385.png", "short_names": ["santa"], "category": "People & Body",
+     "subcategory": "person-fantasy", "sort_order": 1,
+     "skin_variations": {"1F3FF": {"image": "1f385-1f3ff.png"}}},
+    {"name": "NOT IN THE ART", "image": "ffff.png", "sort_order": 4},
+]
+
+
+def _tgz(path, files: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def _png(color) -> bytes:
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent, with a coloured disc-ish square
+    image.paste(Image.new("RGBA", (32, 32), color), (16, 16))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_prepare_emoji_writes_captioned_shards(tmp_path):
+    _tgz(tmp_path / "meta.tgz", {"package/emoji.json": json.dumps(ENTRIES).encode()})
+    art = {f"package/img/twitter/64/{name}": _png(color) for name, color in
+           [("1f34e.png", (220, 30, 30, 255)), ("1f1ef-1f1f5.png", (250, 250, 250, 255)),
+            ("1f385.png", (200, 0, 0, 255)), ("1f385-1f3ff.png", (90, 50, 20, 255))]}
+    _tgz(tmp_path / "twitter.tgz", art)
+    out = tmp_path / "shards"
+    result = subprocess.run([sys.executable, "tools/prepare_emoji.py", "--meta", str(tmp_path / "meta.tgz"), "--art",
+                             str(tmp_path / "twitter.tgz"), "--out", str(out / "%06d.tar"), "--size", "32",
+                             "--style-suffix"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    samples = list(wds.WebDataset(str(out / "000000.tar"), shardshuffle=False))
+    captions = [s["txt"].decode() for s in samples]
+    assert captions == ["father christmas in twitter style", "father christmas, dark skin tone in twitter style",
+                        "red apple in twitter style", "flag: Japan in twitter style"]  # by sort_order
+    apple = np.asarray(Image.open(io.BytesIO(samples[2]["png"])))
+    assert apple.shape == (32, 32, 3)
+    assert (apple[0, 0] == 255).all()  # transparency composited on white
+    assert apple[16, 16, 0] > 200 and apple[16, 16, 1] < 60  # the red square
+    meta = json.loads(samples[1]["json"])
+    assert meta["skin_tone"] == "1F3FF" and meta["license"].startswith("Twemoji")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 4 and summary["missing_images"] == 1
+    bad = subprocess.run([sys.executable, "tools/prepare_emoji.py", "--meta", str(tmp_path / "meta.tgz"), "--art",
+                          str(tmp_path / "meta.tgz"), "--out", str(out / "x%06d.tar")], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "no img/<set>/64/" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Emoji artwork with names -> webdataset shards of captioned images (the default model's data).
+
+    python tools/prepare_emoji.py --fetch data/emoji                 # npm pack the three packages into data/emoji
+    python tools/prepare_emoji.py --meta data/emoji/emoji-datasource-16.0.0.tgz \\
+        --art data/emoji/emoji-datasource-twitter-16.0.0.tgz data/emoji/emoji-datasource-google-16.0.0.tgz \\
+        --out 'data/emoji-shards/%06d.tar' --size 64
+
+Sources (openly licensed; credit them where the data or weights go): `emoji-datasource` (MIT; names,
+short names, categories in emoji.json), `emoji-datasource-twitter` (Twemoji artwork, CC-BY 4.0) and
+`emoji-datasource-google` (Noto Emoji artwork, Apache 2.0), 64x64 PNGs in `img/<set>/64/`.
+Captions come from the names: "red apple", "grinning face", "flag: Japan", "santa claus, dark skin
+tone"; `--style-suffix` adds " in twitter style" / " in google style". Images are composited on
+white and resized to `--size`. The shards are generated, never committed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from autoencoder.errors import InputError
+from ldm.cli import run_cli
+from ldm.data import to_rgb
+
+PACKAGES = ("emoji-datasource", "emoji-datasource-twitter", "emoji-datasource-google")
+LICENSES = {"twitter": "Twemoji by Twitter, CC-BY 4.0", "google": "Noto Emoji by Google, Apache 2.0"}
+SKIN_TONES = {"1F3FB": "light skin tone", "1F3FC": "medium-light skin tone", "1F3FD": "medium skin tone",
+              "1F3FE": "medium-dark skin tone", "1F3FF": "dark skin tone"}
+
+
+def caption_of(name: str, skin: str | None = None) -> str:
+    """'RED APPLE' -> 'red apple'; 'Japan Flag' -> 'flag: Japan'; skin tones appended after a comma."""
+    if name.endswith(" Flag") and name[:1].isupper() and not name.isupper():
+        text = f"flag: {name[:-len(' Flag')]}"
+    else:
+        text = name.lower()
+    if skin:
+        tones = [SKIN_TONES[code] for code in skin.split("-") if code in SKIN_TONES]
+        text += ", " + ", ".join(dict.fromkeys(tones))
+    return text
+
+
+def fetch(folder: Path) -> None:
+    """`npm pack` the three packages into `folder` (needs npm and the npm registry)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["npm", "pack", *PACKAGES], cwd=folder, check=True, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise InputError("npm is not installed; install Node.js/npm or download the tarballs by hand") from None
+    except subprocess.CalledProcessError as exc:
+        raise InputError(f"npm pack failed: {exc.stderr.strip().splitlines()[-1] if exc.stderr else exc}") from None
+    print(f"fetched into {folder}: {', '.join(sorted(p.name for p in folder.glob('*.tgz')))}")
+
+
+def read_member(archive: tarfile.TarFile, name: str) -> bytes | None:
+    try:
+        member = archive.extractfile(name)
+    except KeyError:
+        return None
+    return member.read() if member is not None else None
+
+
+def emoji_entries(meta_tgz: Path) -> list[dict]:
+    with tarfile.open(meta_tgz) as archive:
+        data = read_member(archive, "package/emoji.json")
+    if data is None:
+        raise InputError(f"{meta_tgz} has no package/emoji.json: is it the emoji-datasource package?")
+    return sorted(json.loads(data), key=lambda e: e.get("sort_order", 0))
+
+
+def art_set(art_tgz: Path) -> str:
+    with tarfile.open(art_tgz) as archive:
+        for name in archive.getnames():
+            parts = name.split("/")
+            if len(parts) >= 4 and parts[1] == "img" and parts[3] == "64":
+                return parts[2]
+    raise InputError(f"{art_tgz} has no img/<set>/64/ images: is it an emoji-datasource-<set> package?")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fetch", default=None, help="only download the three npm tarballs into this folder")
+    p.add_argument("--meta", help="emoji-datasource-*.tgz (emoji.json)")
+    p.add_argument("--art", nargs="+", help="emoji-datasource-twitter-*.tgz and/or emoji-datasource-google-*.tgz")
+    p.add_argument("--out", help="shard pattern with %%d, e.g. 'data/emoji-shards/%%06d.tar'")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants")
+    p.add_argument("--style-suffix", action="store_true", help="append ' in <set> style' to each caption")
+    args = p.parse_args()
+    if args.fetch:
+        fetch(Path(args.fetch))
+        return
+    if not (args.meta and args.art and args.out):
+        raise InputError("give --meta, --art and --out (or --fetch DIR to download the packages first)")
+    if "%" not in args.out:
+        raise InputError(f"--out {args.out!r} needs a %d field for the shard number, e.g. 'shards/%06d.tar'")
+    if args.size < 8:
+        raise InputError(f"--size must be >= 8, got {args.size}")
+    for path in [args.meta, *args.art]:
+        if not Path(path).is_file():
+            raise InputError(f"not found: {path}")
+    entries = emoji_entries(Path(args.meta))
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, missing, sets = 0, 0, []
+    with wds.ShardWriter(args.out, maxcount=args.shard_size, verbose=0) as sink:
+        for art in args.art:
+            style = art_set(Path(art))
+            sets.append(style)
+            prefix = f"package/img/{style}/64/"
+            with tarfile.open(art) as archive:  # one pass: random access into a .tgz is slow
+                images = {m.name[len(prefix):]: archive.extractfile(m).read() for m in archive
+                          if m.isfile() and m.name.startswith(prefix)}
+                jobs = []
+                for e in entries:
+                    jobs.append((e["image"], caption_of(e["name"]), e, None))
+                    if not args.no_skin_tones:
+                        for skin, variant in sorted((e.get("skin_variations") or {}).items()):
+                            jobs.append((variant["image"], caption_of(e["name"], skin), e, skin))
+                for image_name, caption, entry, skin in tqdm(jobs, desc=f"{style} emoji", unit="img"):
+                    data = images.get(image_name)
+                    if data is None:
+                        missing += 1
+                        continue
+                    image = to_rgb(Image.open(io.BytesIO(data)))  # transparency composited on white
+                    if image.size != (args.size, args.size):
+                        image = image.resize((args.size, args.size), Image.LANCZOS)
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    text = f"{caption} in {style} style" if args.style_suffix else caption
+                    key = f"{style}_{Path(image_name).stem}".replace(".", "_")
+                    sink.write({"__key__": key, "png": buffer.getvalue(), "txt": text,
+                                "json": json.dumps({"caption": text, "name": entry["name"],
+                                                    "short_names": entry.get("short_names"),
+                                                    "category": entry.get("category"),
+                                                    "subcategory": entry.get("subcategory"), "skin_tone": skin,
+                                                    "set": style, "license": LICENSES.get(style, "see package")})})
+                    written += 1
+    summary = {"samples": written, "missing_images": missing, "sets": sets, "size": args.size,
+               "credits": [LICENSES.get(s, s) for s in sets] + ["emoji-datasource (MIT) for names and categories"]}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {written} captioned emoji to {args.out} ({', '.join(sets)}; {missing} images missing in the art "
+          f"packages); credits: {'; '.join(summary['credits'])}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
