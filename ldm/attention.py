@@ -199,14 +199,17 @@ class SpatialTransformer(nn.Module):
         tokens = self.norm(x)
         if not self.use_linear:
             tokens = self.proj_in(tokens)
-        tokens = tokens.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        # [B, C, H, W] -> [B, H*W, C], made contiguous once: LayerNorm and Linear would copy it at every use.
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()
         if self.use_linear:
             tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         if self.use_linear:
             tokens = self.proj_out(tokens)
-        tokens = tokens.transpose(1, 2).reshape(b, -1, h, w)
+        # Back to a contiguous NCHW map: a channels-last view here would make every later conv run
+        # channels-last and re-lay-out its (contiguous) weights at each call.
+        tokens = tokens.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             tokens = self.proj_out(tokens)
         return tokens + x
