@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from machine import machine  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,7 +95,7 @@ def main() -> None:
     if args.out:
         import torch
         header = (f"# Checkpoint loading memory\n\n`python bench/load_memory.py`, {datetime.date.today()}, "
-                  f"{platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}. "
+                  f"{machine()}, torch {torch.__version__}. "
                   f"SD 1.x-layout UNet + VAE, random weights, float32 .safetensors ({path.stat().st_size / gib:.2f} GiB).\n\n")
         Path(args.out).write_text(header + table + "\n")
 

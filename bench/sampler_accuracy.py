@@ -34,12 +34,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from machine import machine  # bench/machine.py
 from typing import Callable
 
 import torch
@@ -167,17 +168,6 @@ def run_diffusers(scheduler, model_fn, x_T: torch.Tensor, steps: int) -> torch.T
 
 def rms(x: torch.Tensor) -> float:
     return x.double().pow(2).mean().sqrt().item()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
 def no_worse(ours: float, theirs: float, ref_rms: float) -> bool:

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine  # bench/machine.py
+
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,17 +53,6 @@ CAPTIONS = ["red apple", "grinning face", "yellow star", "blue heart"]
 # No samples or checkpoints inside the measured steps (the run still writes both once, after its last log row).
 TRAIN_OVERRIDES = [f"train.log_every={LOG_EVERY}", "train.sample_every=100000",
                    "train.ckpt_every=100000", "train.num_workers=0", "train.sample_steps=2"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
 def available_cores() -> int:

@@ -36,23 +36,14 @@ import time
 import warnings
 from pathlib import Path
 
+from machine import machine  # bench/machine.py
+
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 PREFIX = "model.diffusion_model."
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
 def timed(fn, repeats: int) -> float:

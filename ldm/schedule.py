@@ -52,11 +52,6 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4), float64 in, float32 out."""
-    return torch.cumprod(1.0 - betas.double(), dim=0).float()
-
-
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The discrete forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), t = 0..T-1.

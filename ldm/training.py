@@ -170,7 +170,10 @@ def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, trainable_state: dict[str, torch.Tensor],
                               ema: EMA, optimizer: torch.optim.Optimizer, scaler, *, keep: int) -> Path:
-    """Rank 0: `model.safetensors` (raw), `ema.safetensors` (EMA weights: the one to use), `train_state.pt`."""
+    """Rank 0: `model.safetensors` (raw), `ema.safetensors` (EMA weights: the one to use), `train_state.pt`.
+
+    No RNG state is stored: each rank reseeds from (seed, rank, step) on resume, which is the same on
+    every rank count and needs no per-rank files."""
 
     def write(folder: Path) -> None:
         meta = {"step": step}
@@ -181,7 +184,7 @@ def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, tra
         save_checkpoint(folder / "ema.safetensors", ema_state,
                         {"kind": "latent_diffusion", "config": model.config.to_json(), "ema": "true", **meta})
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "ema_num_updates": ema.num_updates, "rng_cpu": torch.get_rng_state()}, folder / "train_state.pt")
+                    "ema_num_updates": ema.num_updates}, folder / "train_state.pt")
 
     return write_checkpoint_dir(root, step, write, keep=keep)
 

@@ -15,7 +15,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 import ldm

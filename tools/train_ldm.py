@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -50,11 +51,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def batches(args, cfg: TrainConfig, rank: int, step: int):
-    """(the dataset, for its skip count; endless batches {"image" | "mean","std","context", "caption", "key"})."""
+def batches(args, cfg: TrainConfig, rank: int, step: int, uncond_context: torch.Tensor | None):
+    """(the dataset, for its skip count; endless batches {"image" | "mean","std","context", "caption", "key"}).
+
+    Cached contexts of dropped captions are filled with `uncond_context`, the frozen encoder's output for ""."""
     from torch.utils.data import DataLoader
 
-    from ldm.caption_data import WebDatasetCaptions, WebDatasetLatents
+    from ldm.caption_data import WebDatasetCaptions, WebDatasetLatents, collate_latents
 
     seed = cfg.seed + 1000 * step  # a resumed run reshuffles rather than replaying the first batches
     if args.latents:
@@ -63,7 +66,8 @@ def batches(args, cfg: TrainConfig, rank: int, step: int):
     else:
         dataset = WebDatasetCaptions(args.data, cfg.image_size, caption_dropout=cfg.caption_dropout,
                                      shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
+    collate = functools.partial(collate_latents, uncond_context=uncond_context) if args.latents else None
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
                         generator=torch.Generator().manual_seed(seed + rank))
 
     def endless():
@@ -71,16 +75,6 @@ def batches(args, cfg: TrainConfig, rank: int, step: int):
             yield from loader
 
     return dataset, endless()
-
-
-def _collate(items: list[dict]) -> dict:
-    out = {"caption": [item["caption"] for item in items], "key": [item["key"] for item in items]}
-    for name in ("image", "mean", "std"):
-        if name in items[0]:
-            out[name] = torch.stack([item[name] for item in items])
-    if "context" in items[0]:
-        out["context"] = [item["context"] for item in items]  # None where the caption was dropped
-    return out
 
 
 def main() -> None:
@@ -131,12 +125,15 @@ def main() -> None:
         step = restore_training_checkpoint(resume_from, trainable, ema, optimizer, scaler)
     torch.manual_seed(cfg.seed + 7919 * world.rank + step)
     schedule = model.schedule
-    dataset, data = batches(args, cfg, world.rank, step)
+    uncond_context = None
+    if args.latents and not train_text:  # cached contexts: a dropped caption gets the encoding of ""
+        with torch.no_grad():
+            uncond_context = model.text_encoder.encode([""])[0].cpu()
+    dataset, data = batches(args, cfg, world.rank, step, uncond_context)
     key_log = None
     if cfg.log_sample_keys:  # an audit of what each rank saw, with a checksum of its weights after each step
         (out / "sample_keys").mkdir(parents=True, exist_ok=True)
         key_log = open(out / "sample_keys" / f"rank{world.rank}.tsv", "a")
-    uncond_context = None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -164,11 +161,8 @@ def main() -> None:
                     mean, std = batch["mean"].to(world.device).float(), batch["std"].to(world.device).float()
                     latents = model.scale_factor * (mean + std * torch.randn_like(mean))
             # 2. Text: tokens through the (trainable) encoder, or the cached contexts of a frozen one.
-            if "context" in batch and not train_text:
-                if uncond_context is None:
-                    uncond_context = model.text_encoder.encode([""])
-                context = torch.cat([uncond_context if c is None else c[None].to(world.device).float()
-                                     for c in batch["context"]])
+            if batch.get("context") is not None and not train_text:
+                context = batch["context"].to(world.device).float()
                 model_fn = lambda x, t, context=context: net(x, t, context=context)
             else:
                 tokens = model.text_encoder.tokenize(batch["caption"]).to(world.device)
@@ -231,6 +225,8 @@ def main() -> None:
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
     bar.close()
+    if key_log is not None:
+        key_log.close()
     if world.is_main:
         board.close()
         export_ema(out / "model.safetensors", model, ema)
