@@ -16,3 +16,13 @@ def machine() -> str:
     except OSError:
         pass
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
+
+
+def append_results(path: str | Path, title: str, text: str) -> None:
+    """Append a run's section to a results file, starting the file with `title` when it is new."""
+    out = Path(path)
+    if not out.is_file():
+        text = f"# {title}\n" + text
+    with out.open("a") as fh:
+        fh.write(text)
+    print(f"appended to {out}")

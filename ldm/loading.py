@@ -48,8 +48,9 @@ def load_model(path: str | Path | None = None, config: "str | Path | dict[str, A
     """
     if path is None:
         if not DEFAULT_MODEL.is_file():
-            raise InputError("no default model is installed yet: pass a checkpoint path, e.g. "
-                             "ldm.load_model('model.safetensors') or --ckpt model.safetensors")
+            raise InputError(f"the embedded default model is missing ({DEFAULT_MODEL}): reinstall the project "
+                             "from a full clone, or pass a checkpoint path, e.g. ldm.load_model('model.safetensors') "
+                             "or --ckpt model.safetensors")
         path = DEFAULT_MODEL
     tensors, metadata = read_checkpoint(path)
     ours = metadata.get("format") == FORMAT
@@ -142,10 +143,10 @@ def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, o
                          + (f" (+{len(leftover) - 5} more)" if len(leftover) > 5 else ""))
 
 
-def save_model(model: LatentDiffusion, path: str | Path) -> None:
-    """Write `model` as our safetensors checkpoint (config in the metadata), atomically."""
+def save_model(model: LatentDiffusion, path: str | Path, *, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write `model` as our safetensors checkpoint (config in the metadata, plus `extra_metadata`), atomically."""
     tensors = {k: v for k, v in model.state_dict().items()}
-    save_checkpoint(path, tensors, {"kind": "latent_diffusion", "config": model.config.to_json()})
+    save_checkpoint(path, tensors, {"kind": "latent_diffusion", "config": model.config.to_json(), **(extra_metadata or {})})
 
 
 def save_autoencoder(autoencoder: AutoencoderKL, path: str | Path, *, extra_metadata: dict[str, Any] | None = None) -> None:

@@ -22,7 +22,6 @@ from PIL import Image
 import ldm
 from helpers import REPO, TINY_AE, reference_dir, write_real_images
 from ldm.cli import run_cli
-from ldm.loading import DEFAULT_MODEL
 from ldm.pipeline import image_to_tensor, to_uint8
 
 UNET = {"type": "unet", "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
@@ -427,10 +426,10 @@ def test_config_that_does_not_fit(tiny_ckpt, tmp_path, monkeypatch, capsys):
     assert_one_line_error(code, err, "does not fit the config")
 
 
-@pytest.mark.skipif(DEFAULT_MODEL.is_file(), reason="a default model is installed")
-def test_no_default_model(tmp_path, monkeypatch, capsys):
+def test_missing_default_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ldm.loading, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
     code, err = run_in_process("txt2img.py", ["--prompt", "a", "--outdir", str(tmp_path)], monkeypatch, capsys)
-    assert_one_line_error(code, err, "no default model is installed yet")
+    assert_one_line_error(code, err, "the embedded default model is missing")
 
 
 def test_bad_input_in_a_real_process(tiny_ckpt, tmp_path):

@@ -122,9 +122,9 @@ def test_missing_corrupt_and_unknown_files(tmp_path):
         ldm.load_model(tmp_path / "model.onnx")
 
 
-def test_no_default_model_yet_is_a_clear_message(monkeypatch, tmp_path):
+def test_missing_default_model_is_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setattr(ldm.loading, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
-    with pytest.raises(InputError, match="no default model is installed yet"):
+    with pytest.raises(InputError, match="the embedded default model is missing .*absent.safetensors.*--ckpt"):
         ldm.load_model()
 
 

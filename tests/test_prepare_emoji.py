@@ -68,3 +68,32 @@ def test_prepare_emoji_writes_captioned_shards(tmp_path):
                           str(tmp_path / "meta.tgz"), "--out", str(out / "x%06d.tar")], capture_output=True, text=True,
                          cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "no img/<set>/64/" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_held_out_split_is_fixed_by_key_and_disjoint(tmp_path):
+    _tgz(tmp_path / "meta.tgz", {"package/emoji.json": json.dumps(ENTRIES).encode()})
+    art = {f"package/img/google/64/{name}": _png((10 * k, 0, 0, 255)) for k, name in
+           enumerate(["1f34e.png", "1f1ef-1f1f5.png", "1f385.png", "1f385-1f3ff.png"])}
+    _tgz(tmp_path / "google.tgz", art)
+
+    def run(out, fraction):
+        result = subprocess.run([sys.executable, "tools/prepare_emoji.py", "--meta", str(tmp_path / "meta.tgz"),
+                                 "--art", str(tmp_path / "google.tgz"), "--out", str(out / "%06d.tar"), "--size", "16",
+                                 "--held-out", str(fraction)], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr
+        def keys(pattern):
+            return [s["__key__"] for f in sorted(out.glob(pattern)) for s in wds.WebDataset(str(f), shardshuffle=False)]
+        return keys("0*.tar"), keys("held-out-*.tar"), json.loads((out / "summary.json").read_text())
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from prepare_emoji import is_held_out
+    keys = ["google_1f34e", "google_1f1ef-1f1f5", "google_1f385", "google_1f385-1f3ff"]
+    fraction = 0.5
+    train, held, summary = run(tmp_path / "a", fraction)
+    assert sorted(train + held) == sorted(keys) and not set(train) & set(held)
+    assert set(held) == {k for k in keys if is_held_out(k, fraction)}
+    assert summary["held_out"] == len(held) and summary["samples"] == len(train)
+    assert run(tmp_path / "b", fraction)[:2] == (train, held)  # the same split every run
+    train0, held0, _ = run(tmp_path / "c", 0.0)
+    assert held0 == [] and sorted(train0) == sorted(keys) and not list((tmp_path / "c").glob("held-out-*"))
+    assert sum(is_held_out(f"k{i}", 0.01) for i in range(20000)) in range(150, 250)  # about 1%

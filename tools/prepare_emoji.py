@@ -16,6 +16,7 @@ white and resized to `--size`. The shards are generated, never committed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import subprocess
@@ -85,6 +86,11 @@ def art_set(art_tgz: Path) -> str:
     raise InputError(f"{art_tgz} has no img/<set>/64/ images: is it an emoji-datasource-<set> package?")
 
 
+def is_held_out(key: str, fraction: float) -> bool:
+    """A fixed, order-independent split: the key's hash decides, so every run holds out the same images."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < fraction * 16**8
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fetch", default=None, help="only download the three npm tarballs into this folder")
@@ -95,6 +101,9 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants")
     p.add_argument("--style-suffix", action="store_true", help="append ' in <set> style' to each caption")
+    p.add_argument("--held-out", type=float, default=0.0,
+                   help="fraction of the images written instead to held-out shards (OUT's folder, "
+                        "held-out-%%06d.tar), chosen by a hash of the key, e.g. 0.01 for the autoencoder's PSNR/SSIM")
     args = p.parse_args()
     if args.fetch:
         fetch(Path(args.fetch))
@@ -103,6 +112,8 @@ def main() -> None:
         raise InputError("give --meta, --art and --out (or --fetch DIR to download the packages first)")
     if "%" not in args.out:
         raise InputError(f"--out {args.out!r} needs a %d field for the shard number, e.g. 'shards/%06d.tar'")
+    if not 0 <= args.held_out < 1:
+        raise InputError(f"--held-out must be a fraction in [0, 1), got {args.held_out}")
     if args.size < 8:
         raise InputError(f"--size must be >= 8, got {args.size}")
     for path in [args.meta, *args.art]:
@@ -111,8 +122,10 @@ def main() -> None:
     entries = emoji_entries(Path(args.meta))
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, missing, sets = 0, 0, []
-    with wds.ShardWriter(args.out, maxcount=args.shard_size, verbose=0) as sink:
+    written, held, missing, sets = 0, 0, 0, []
+    held_pattern = str(out_dir / "held-out-%06d.tar")
+    with wds.ShardWriter(args.out, maxcount=args.shard_size, verbose=0) as sink, \
+            wds.ShardWriter(held_pattern, maxcount=args.shard_size, verbose=0) as held_sink:
         for art in args.art:
             style = art_set(Path(art))
             sets.append(style)
@@ -138,18 +151,24 @@ def main() -> None:
                     image.save(buffer, format="PNG")
                     text = f"{caption} in {style} style" if args.style_suffix else caption
                     key = f"{style}_{Path(image_name).stem}".replace(".", "_")
-                    sink.write({"__key__": key, "png": buffer.getvalue(), "txt": text,
+                    held_out = is_held_out(key, args.held_out)
+                    held += held_out
+                    (held_sink if held_out else sink).write({"__key__": key, "png": buffer.getvalue(), "txt": text,
                                 "json": json.dumps({"caption": text, "name": entry["name"],
                                                     "short_names": entry.get("short_names"),
                                                     "category": entry.get("category"),
                                                     "subcategory": entry.get("subcategory"), "skin_tone": skin,
                                                     "set": style, "license": LICENSES.get(style, "see package")})})
-                    written += 1
-    summary = {"samples": written, "missing_images": missing, "sets": sets, "size": args.size,
+                    written += not held_out
+    if not held:
+        for empty in out_dir.glob("held-out-*.tar"):
+            empty.unlink()
+    summary = {"samples": written, "held_out": held, "missing_images": missing, "sets": sets, "size": args.size,
                "credits": [LICENSES.get(s, s) for s in sets] + ["emoji-datasource (MIT) for names and categories"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    held_note = f"; {held} held-out images in {held_pattern}" if held else ""
     print(f"wrote {written} captioned emoji to {args.out} ({', '.join(sets)}; {missing} images missing in the art "
-          f"packages); credits: {'; '.join(summary['credits'])}")
+          f"packages{held_note}); credits: {'; '.join(summary['credits'])}")
 
 
 if __name__ == "__main__":
