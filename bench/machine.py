@@ -26,3 +26,14 @@ def append_results(path: str | Path, title: str, text: str) -> None:
     with out.open("a") as fh:
         fh.write(text)
     print(f"appended to {out}")
+
+
+def resolve_device_dtype(parser, args) -> None:
+    """`--device auto` -> cuda when available, else cpu; `--dtype auto` -> bf16 on CUDA, fp32 on the CPU."""
+    import torch
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import append_results, machine  # bench/machine.py
+from machine import append_results, machine, resolve_device_dtype  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -221,12 +221,7 @@ def main() -> None:
     if args.steps < 1 or args.repeats < 1 or args.size < 8 or args.size % 8:
         parser.error("--steps and --repeats must be >= 1; --size a positive multiple of 8")
     import torch
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    resolve_device_dtype(parser, args)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     started = time.perf_counter()

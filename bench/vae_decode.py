@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-from machine import append_results, machine  # bench/machine.py
+from machine import append_results, machine, resolve_device_dtype  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -135,12 +135,7 @@ def main() -> None:
     if args.tile_latent < 1 or not 0 <= args.overlap_latent < args.tile_latent:
         parser.error("need --tile-latent >= 1 and 0 <= --overlap-latent < --tile-latent")
     import torch
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    resolve_device_dtype(parser, args)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     started = time.perf_counter()
