@@ -53,7 +53,7 @@ def test_nearest_finds_the_closest_row_and_can_exclude_itself():
     bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
     idx, dist = nearest(torch.tensor([[0.9, 0.1], [4.0, 4.0]]), bank)
     assert idx.tolist() == [1, 2] and dist[0].item() == pytest.approx(2 ** 0.5 * 0.1)
-    idx, _ = nearest(bank, bank, exclude_self=True)
+    idx, _ = nearest(bank, bank, exclude=torch.arange(3))
     assert idx.tolist() == [1, 0, 1]
     assert features(torch.ones(2, 3, 8, 8), 2).shape == (2, 12)
 

@@ -57,14 +57,15 @@ def features(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
 
 
-def nearest(query: torch.Tensor, bank: torch.Tensor, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index and Euclidean distance of each query row's nearest bank row (chunked to bound memory)."""
+def nearest(query: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index and Euclidean distance of each query row's nearest bank row, skipping bank row `exclude[i]` for
+    query row i when given (a training image against the rest of the set); chunked to bound memory."""
     indices, distances = [], []
     for start in range(0, len(query), 256):
         d = torch.cdist(query[start:start + 256], bank)
-        if exclude_self:
-            rows = torch.arange(start, start + len(d))
-            d[torch.arange(len(d)), rows] = float("inf")
+        if exclude is not None:
+            d[torch.arange(len(d)), exclude[start:start + len(d)]] = float("inf")
         dist, idx = d.min(dim=1)
         indices.append(idx)
         distances.append(dist)
@@ -104,9 +105,7 @@ def evaluate(model, train_images: torch.Tensor, train_captions: list[str], *, ca
                      "seconds_per_image": seconds / len(images)})
     # Reference for "not a copy": each of up to 500 training images against the rest of the set.
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:500]
-    d = torch.cdist(features(train_images[pick], feature_size), bank)
-    d[torch.arange(len(pick)), pick] = float("inf")
-    other = d.argmin(dim=1)
+    other, _ = nearest(features(train_images[pick], feature_size), bank, exclude=pick)
     reference = float(rms_distance(train_images[pick], train_images[other]).mean())
     return {"prompts": prompts, "chance": chance, "rows": rows, "train_nearest_rms": reference,
             "train_images": len(train_captions), "distinct_captions": len(distinct)}
