@@ -10,7 +10,7 @@ from torch import nn
 from .config import AutoencoderConfig
 from .distributions import DiagonalGaussian
 from .errors import InputError
-from .modules import Decoder, Encoder
+from .modules import Decoder, Encoder, is_channels_last
 from .tiling import tiled_apply
 
 
@@ -79,6 +79,8 @@ class AutoencoderKL(nn.Module):
 
     # -- encode / decode -----------------------------------------------------------------------
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        if is_channels_last(self.encoder.conv_in.weight):
+            return self.quant_conv(self.encoder(x.contiguous(memory_format=torch.channels_last))).contiguous()
         return self.quant_conv(self.encoder(x))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -93,6 +95,8 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(moments)
 
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        if is_channels_last(self.decoder.conv_in.weight):
+            return self.decoder(self.post_quant_conv(z).contiguous(memory_format=torch.channels_last)).contiguous()
         return self.decoder(self.post_quant_conv(z))
 
     def _decode_tiles(self, z: torch.Tensor) -> torch.Tensor:

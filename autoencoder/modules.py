@@ -13,6 +13,15 @@ from torch import nn
 from .config import AutoencoderConfig
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor (map or conv weight) is laid out channels-last (and not also NCHW-contiguous).
+
+    A model moved with `.to(memory_format=torch.channels_last)` has such conv weights; its forward
+    then lays its input out the same way (mixing the layouts makes every conv re-lay-out one side).
+    """
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def normalize(channels: int) -> nn.GroupNorm:
     # The first stage uses eps 1e-6 (the UNet uses 1e-5).
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)

@@ -6,7 +6,7 @@
 It writes a random-weight original-format checkpoint with the full SD 1.x UNet and VAE once (cached
 in the system temp folder), then loads it in fresh processes and reports each one's peak resident
 memory (ru_maxrss): `ldm.load_model`, and the naive path (build the model with random init, read
-the file, copy into the parameters), which holds the weights twice. Writes bench/RESULTS-load.md.
+the file, copy into the parameters), which holds the weights twice. Writes its section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import machine  # bench/machine.py
+from machine import RESULTS, machine, write_section  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,7 +72,7 @@ def make_checkpoint(path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(HERE / "RESULTS-load.md"), help="results file ('' to skip)")
+    p.add_argument("--out", default=str(RESULTS), help="results file ('' to skip)")
     args = p.parse_args()
     path = Path(tempfile.gettempdir()) / "ldm-bench-sd-v1-random.safetensors"
     if not path.is_file():
@@ -94,10 +94,10 @@ def main() -> None:
     print(table)
     if args.out:
         import torch
-        header = (f"# Checkpoint loading memory\n\n`python bench/load_memory.py`, {datetime.date.today()}, "
+        header = (f"## Checkpoint loading memory\n\n`python bench/load_memory.py`, {datetime.date.today()}, "
                   f"{machine()}, torch {torch.__version__}. "
                   f"SD 1.x-layout UNet + VAE, random weights, float32 .safetensors ({path.stat().st_size / gib:.2f} GiB).\n\n")
-        Path(args.out).write_text(header + table + "\n")
+        write_section("load_memory", header + table, args.out)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,34 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
 
 
-def append_results(path: str | Path, title: str, text: str) -> None:
-    """Append a run's section to a results file, starting the file with `title` when it is new."""
+RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
+HEADER = """# Benchmark results
+
+Each section below is the latest run of one benchmark (and device), written by the script itself: the
+command, date, machine and versions are in the section. Re-running a command replaces its section and
+leaves the others; older runs are in git history. See bench/README.md for what each one measures.
+"""
+
+
+def write_section(key: str, text: str, path: str | Path = RESULTS) -> None:
+    """Put one run's Markdown into `path` (bench/RESULTS.md) as section `key`, replacing that key's last run.
+
+    The file is rewritten atomically (a temp file, then a rename), so a crash never leaves half a file.
+    """
     out = Path(path)
-    if not out.is_file():
-        text = f"# {title}\n" + text
-    with out.open("a") as fh:
-        fh.write(text)
-    print(f"appended to {out}")
+    begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = out.read_text() if out.is_file() else HEADER
+    if begin in old and end in old[old.index(begin):]:
+        start = old.index(begin)
+        stop = old.index(end, start) + len(end)
+        new = old[:start] + block + old[stop:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, out)
+    print(f"wrote section '{key}' of {out}")
 
 
 def resolve_device_dtype(parser, args) -> None:

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import machine  # bench/machine.py
+from machine import RESULTS, machine, write_section  # bench/machine.py
 from typing import Callable
 
 import torch
@@ -201,8 +201,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per solve (default: 8)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of x_T; the mixture's means always use seed 0 (default: 0)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS-samplers.md"),
-                   help="where the Markdown results go; '' writes nothing (default: bench/RESULTS-samplers.md)")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="where the Markdown results go; '' writes nothing (default: bench/RESULTS.md)")
     args = p.parse_args()
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -283,7 +283,7 @@ def main() -> None:
         command = "python bench/sampler_accuracy.py" + (" --quick" if args.quick else "") + \
             (" --reference ddim1000" if args.reference == "ddim1000" else "")
         text = [
-            "# Sampler accuracy: ours vs diffusers on the ideal denoiser of a Gaussian mixture", "",
+            "## Sampler accuracy: ours vs diffusers on the ideal denoiser of a Gaussian mixture", "",
             f"- command: `{command}` (batch {args.batch_size}, seed {args.seed}), "
             f"{time.perf_counter() - started:.0f} s",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -295,8 +295,8 @@ def main() -> None:
             "- cells: RMS error to the reference (in brackets: relative to the reference's RMS); "
             "see bench/README.md", "", table, "", about, "", verdict, "",
         ]
-        Path(args.out).write_text("\n".join(text))
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_section("sampler_accuracy" + (" ddim1000" if args.reference == "ddim1000" else ""),
+                      "\n".join(text), args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Training throughput of tools/train_ldm.py: on-the-fly encoding vs cached latents, 1 vs 2 processes.
+"""Training throughput of tools/train_ldm.py (tiny config): on-the-fly encoding vs cached latents, 1 vs 2
+processes, gradient checkpointing off and on. (The SD-v1-layout UNet: bench/train_sd1.py.)
 
-    python bench/train_throughput.py               # 80 steps per run, about 4 min on 2 CPU cores
-    python bench/train_throughput.py --steps 20    # a quick look (under 2 min), noisier
+    python bench/train_throughput.py               # 80 steps per run, about 6 min on 2 CPU cores
+    python bench/train_throughput.py --steps 20    # a quick look (under 3 min), noisier
 
 The data is made once in a temp folder: 64 crops of real photographs (32x32, scikit-image's samples,
 as the tests use) with captions, in 4 webdataset shards (png + txt). `tools/encode_latents.py`
@@ -12,6 +13,7 @@ for `--steps` steps (per-process batch 16, no workers, no samples or checkpoints
 four configurations: image shards or latent shards, under 1 process or 2 (torchrun, DDP with gloo).
 A fifth run, images in 1 process at batch 32, is the control for 2 processes: their global batch is
 32, and a bigger batch alone spreads the per-step costs (optimizer, EMA, Python) over more images.
+Two more runs, images and latents in 1 process, turn on gradient checkpointing.
 
 Threads: the runs share the same cores. One process gets OMP_NUM_THREADS = all of them (`--threads`,
 default: the cores this process may use); two processes get half each, so no run oversubscribes.
@@ -19,7 +21,7 @@ default: the cores this process may use); two processes get half each, so no run
 The number is the trainer's own `images_per_s` column of metrics.csv: images of all processes per
 second of wall time between two log rows (every 5 steps), measured on rank 0. The first row (process
 start-up, shard opening, the shuffle buffer filling) is dropped and the median of the rest is
-reported, with the smallest and largest. Writes bench/RESULTS-train.md.
+reported, with the smallest and largest. Writes its section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine  # bench/machine.py
+from machine import RESULTS, machine, write_section  # bench/machine.py
 
 from tqdm import tqdm
 
@@ -99,12 +101,14 @@ def encode_latents(data: str, out: Path, threads: int) -> dict:
     return {"wall_s": wall, "loop_s": loop, "images_per_s": IMAGES / loop}
 
 
-def train(source: tuple[str, str], processes: int, batch: int, steps: int, out: Path, threads: int) -> list[float]:
+def train(source: tuple[str, str], processes: int, batch: int, steps: int, out: Path, threads: int,
+          checkpointing: bool = False) -> list[float]:
     """One short training run (`batch` per process); the images_per_s column of its metrics.csv."""
     launcher = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     run([*launcher, "tools/train_ldm.py", "--config", CONFIG, *source, "--out", str(out), "--max-steps", str(steps),
-         "--device", "cpu", f"train.batch_size={batch}", *TRAIN_OVERRIDES], threads)
+         "--device", "cpu", f"train.batch_size={batch}", *TRAIN_OVERRIDES,
+         f"train.gradient_checkpointing={str(checkpointing).lower()}"], threads)
     with open(out / "metrics.csv", newline="") as f:
         return [float(row["images_per_s"]) for row in csv.DictReader(f)]
 
@@ -115,8 +119,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=available_cores(),
                    help="OMP threads of a 1-process run; each of 2 processes gets half (default: the usable cores, "
                         f"{available_cores()} here)")
-    p.add_argument("--out", default=str(REPO / "bench" / "RESULTS-train.md"),
-                   help="where the Markdown results go; '' writes nothing (default: bench/RESULTS-train.md)")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="where the Markdown results go; '' writes nothing (default: bench/RESULTS.md)")
     args = p.parse_args()
     if args.steps < 2 * LOG_EVERY:
         raise InputError(f"--steps must be >= {2 * LOG_EVERY} (a log row every {LOG_EVERY} steps, the first dropped), "
@@ -128,8 +132,10 @@ def main() -> None:
     started, load = time.perf_counter(), os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     # (data, processes, batch per process). The control, 1 process at batch 32, has the global batch of 2
     # processes: it separates what DDP gives from what the bigger batch gives.
-    configs = [("images", 1, BATCH), ("images", 2, BATCH), ("images", 1, 2 * BATCH),
-               ("cached latents", 1, BATCH), ("cached latents", 2, BATCH)]
+    # Gradient checkpointing (train.gradient_checkpointing=true) recomputes each block's forward in the backward.
+    configs = [("images", 1, BATCH, False), ("images", 2, BATCH, False), ("images", 1, 2 * BATCH, False),
+               ("cached latents", 1, BATCH, False), ("cached latents", 2, BATCH, False),
+               ("images", 1, BATCH, True), ("cached latents", 1, BATCH, True)]
     threads_of = {1: args.threads, 2: args.threads // 2}
     bar = tqdm(total=2 + len(configs), desc="train throughput", dynamic_ncols=True)
     with tempfile.TemporaryDirectory(prefix="ldm-train-bench-") as tmp:
@@ -141,23 +147,25 @@ def main() -> None:
         latents = str(root / "latents" / f"{{000000..{n_latent_shards - 1:06d}}}.tar")
         bar.update()
         rates = {}
-        for name, processes, batch in configs:
+        for name, processes, batch, checkpointing in configs:
             source = ("--data", data) if name == "images" else ("--latents", latents)
-            bar.set_postfix_str(f"{name}, {processes} process(es), batch {batch}")
+            bar.set_postfix_str(f"{name}, {processes} process(es), batch {batch}, checkpointing {checkpointing}")
             rows = train(source, processes, batch, args.steps,
-                         root / f"run-{name.split()[-1]}-{processes}x{batch}", threads_of[processes])
-            rates[name, processes, batch] = rows[1:]  # the first row holds start-up
+                         root / f"run-{name.split()[-1]}-{processes}x{batch}-{checkpointing}", threads_of[processes],
+                         checkpointing)
+            rates[name, processes, batch, checkpointing] = rows[1:]  # the first row holds start-up
             bar.update()
     bar.close()
 
-    base = statistics.median(rates["images", 1, BATCH])
-    lines = ["| data | processes | threads each | global batch | images/s (median) | log rows: min-max | "
-             f"speed-up vs images, 1 process, batch {BATCH} |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, processes, batch in configs:
-        values = rates[name, processes, batch]
+    base = statistics.median(rates["images", 1, BATCH, False])
+    lines = ["| data | gradient checkpointing | processes | threads each | global batch | images/s (median) "
+             f"| log rows: min-max | speed-up vs images, 1 process, batch {BATCH} |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, processes, batch, checkpointing in configs:
+        values = rates[name, processes, batch, checkpointing]
         median = statistics.median(values)
-        lines.append(f"| {name} | {processes} | {threads_of[processes]} | {batch * processes} | {median:.0f} | "
+        lines.append(f"| {name} | {'on' if checkpointing else 'off'} | {processes} | {threads_of[processes]} "
+                     f"| {batch * processes} | {median:.0f} | "
                      f"{min(values):.0f}-{max(values):.0f} | {median / base:.2f}x |")
     table = "\n".join(lines)
     encoding = (f"Encoding the latents once (tools/encode_latents.py, {IMAGES} images, {args.threads} threads): "
@@ -168,7 +176,7 @@ def main() -> None:
         command = "python bench/train_throughput.py" + (f" --steps {args.steps}" if args.steps != 80 else "") + \
             (f" --threads {args.threads}" if args.threads != available_cores() else "")
         text = [
-            "# Training throughput: on-the-fly encoding vs cached latents, 1 vs 2 processes", "",
+            "## Training throughput: on-the-fly encoding vs cached latents, 1 vs 2 processes", "",
             f"- command: `{command}`, {time.perf_counter() - started:.0f} s",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- machine: {machine()}; load average {load:.2f} when it started (other work shares the cores)",
@@ -182,8 +190,7 @@ def main() -> None:
             "row dropped; median and range of the rest; see bench/README.md", "",
             table, "", encoding, "",
         ]
-        Path(args.out).write_text("\n".join(text))
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_section("train_throughput tiny", "\n".join(text), args.out)
 
 
 if __name__ == "__main__":

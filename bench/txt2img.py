@@ -25,7 +25,10 @@ The steps column is the number of denoiser calls: the original DDIM spacing give
   a cross-check; it is noisy on a loaded CPU.
 - peak mem: CPU: peak RSS of the process (each model runs in its own fresh process); CUDA:
   `torch.cuda.max_memory_allocated` (weights included), reset once the model is on the device.
-Appends to bench/RESULTS-txt2img.md (`--out`).
+- it/s: denoiser steps per second, 1 / model s/step (one image with CFG: batch 2).
+`--channels-last` lays the model out channels-last and `--compile` torch.compiles its denoiser (the
+warm-up pass pays the compile time), as txt2img's flags of the same names do.
+Writes its section of bench/RESULTS.md (`--out`), one per models/device/dtype/options.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import append_results, machine, resolve_device_dtype  # bench/machine.py
+from machine import RESULTS, machine, resolve_device_dtype, write_section  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -117,6 +120,11 @@ def run_worker(args) -> dict:
     started = time.perf_counter()
     model, description = build_default() if args.worker == "default" else build_sd1()
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        from ldm.cli_generate import compile_denoiser
+        compile_denoiser(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"[{args.worker}] built in {time.perf_counter() - started:.0f} s: {description}, {params / 1e6:.0f}M parameters",
           file=sys.stderr, flush=True)
@@ -192,7 +200,7 @@ def run_worker(args) -> dict:
 def row_cells(r: dict) -> list[str]:
     overhead = 100 * r["stub_step"] / r["model_step"]
     return [r["model"], f"{r['size']}x{r['size']}", str(r["steps"]), f"{r['text']:.3f}", f"{r['loop']:.2f}",
-            f"{r['model_step']:.4f}", f"{overhead:.2f}% ({r['stub_step'] * 1e3:.2f} ms)", f"{r['decode']:.3f}",
+            f"{r['model_step']:.4f}", f"{1 / r['model_step']:.2f}", f"{overhead:.2f}% ({r['stub_step'] * 1e3:.2f} ms)", f"{r['decode']:.3f}",
             f"{r['total']:.2f}", f"{r['peak'] / 1024 ** 3:.2f} GiB {r['peak_kind']}"]
 
 
@@ -206,7 +214,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (as ldm.samplers.sample takes them)")
     parser.add_argument("--size", type=int, default=512, help="sd1 image size in pixels (a multiple of 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per model")
-    parser.add_argument("--out", default=str(HERE / "RESULTS-txt2img.md"), help="results file to append to ('' = print only)")
+    parser.add_argument("--channels-last", action="store_true", help="model.to(memory_format=torch.channels_last)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (the warm-up compiles)")
+    parser.add_argument("--out", default=str(RESULTS), help="results file ('' = print only)")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -229,6 +239,7 @@ def main() -> None:
     for name in models:
         command = [sys.executable, __file__, "--worker", name, "--device", args.device, "--dtype", args.dtype,
                    "--steps", str(args.steps), "--size", str(args.size), "--repeats", str(args.repeats)]
+        command += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # progress goes to stderr, live
         if proc.returncode != 0:
             why = "killed (out of memory?)" if proc.returncode == -9 else f"exit code {proc.returncode} (see above)"
@@ -244,9 +255,9 @@ def main() -> None:
                      + ("" if r["finite"] else "; the decoded image was not finite"))
         print(f"[{name}] {notes[-1].split(': ', 1)[1]}", flush=True)
 
-    header = ["model", "size", "steps", "text enc s", "loop s", "model s/step", "sampler overhead %", "VAE decode s",
-              "s/image", "peak mem"]
-    lines = ["| " + " | ".join(header) + " |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    header = ["model", "size", "steps", "text enc s", "loop s", "model s/step", "it/s", "sampler overhead %",
+              "VAE decode s", "s/image", "peak mem"]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
     table = "\n".join(lines)
     elapsed = time.perf_counter() - started
@@ -257,10 +268,10 @@ def main() -> None:
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     command = "python bench/txt2img.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-    text = f"""
-## {datetime.date.today().isoformat()}: {', '.join(r['model'] for r in rows)}, {args.dtype} on {device}
+    options = " channels_last" * args.channels_last + " compile" * args.compile
+    text = f"""## Text-to-image time per image: {', '.join(r['model'] for r in rows)}, {args.dtype} on {device}{options}
 
-`{command}`, {machine()}, load average {load:.2f} at the start.
+`{command}`, {datetime.date.today().isoformat()}, {machine()}, load average {load:.2f} at the start.
 python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), device {device},
 dtype {args.dtype}. DDIM (eta 0), CFG {GUIDANCE_SCALE} (denoiser batch 2), 1 image, prompt "{PROMPT}".
 Median of {args.repeats} timed passes after a 2-step warm-up pass. Model s/step: median of lone denoiser calls.
@@ -271,7 +282,7 @@ Total run time {elapsed:.0f} s.
 {table}
 
 """ + "\n".join(f"- {note}" for note in notes) + "\n"
-    append_results(args.out, "Text-to-image timing (bench/txt2img.py)", text)
+    write_section(f"txt2img {','.join(r['model'] for r in rows)} {args.device} {args.dtype}{options}", text, args.out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Speed of one SD UNet step on CPU: ours (`ldm.unet.UNetModel`) vs diffusers' `UNet2DConditionModel`.
+"""Speed of one SD UNet step: ours (`ldm.unet.UNetModel`) vs diffusers' `UNet2DConditionModel`.
 
-    python bench/unet_step.py                       # SD-v1 and SD-v2 layouts, latent 32x32
-    python bench/unet_step.py --sizes 32 64         # also 64x64 (512 px; several seconds a step)
-    python bench/unet_step.py --repeats 3 --out ''  # fewer repeats; print only, write no file
+    python bench/unet_step.py                              # SD-v1 and SD-v2, latent 32x32, eager and channels_last
+    python bench/unet_step.py --sizes 32 64                # also 64x64 (512 px; several seconds a step on a CPU)
+    python bench/unet_step.py --variants eager compile     # torch.compile too (minutes of compiling on a CPU)
+    python bench/unet_step.py --device cuda --sizes 64     # on a GPU: bf16 by default
+    python bench/unet_step.py --repeats 3 --out ''         # fewer repeats; print only, write no file
 
 For each layout (the full-size `unet_config` of `ldm.original_configs.SD_V1` / `SD_V2`,
 `use_checkpoint` off) it builds our UNet with random weights (seed 0). The original init zeroes
@@ -12,15 +14,17 @@ with random values (seed 1) before the comparison. The same original-format stat
 `model.diffusion_model.*`) goes through diffusers' own converter
 (`create_unet_diffusers_config_from_ldm`, `convert_ldm_unet_checkpoint`) into a
 `UNet2DConditionModel`. The diffusers model is built on the meta device and takes the converted
-tensors by assignment, so the two models share weight storage where the converter did not copy.
+tensors by assignment, so on the CPU in fp32 eager the two models share weight storage where the
+converter did not copy.
 
-One step: batch 2 (classifier-free guidance), fp32, CPU, `torch.inference_mode()`, timestep 500,
-context (2, 77, 768) for v1 and (2, 77, 1024) for v2. The first call of each model is the warm-up,
-and its outputs give the max abs difference between the two. Then the median wall time of
-`--repeats` calls (64x64: `--repeats-64`). FLOPs per step come from
-`torch.utils.flop_counter.FlopCounterMode` on our model (matmuls, convs and SDPA; elementwise ops
-and norms are not counted). The peak is the median time of a 2048x2048 fp32 `torch.mm`.
-Writes bench/RESULTS-unet.md.
+One step: batch 2 (classifier-free guidance), `torch.inference_mode()`, timestep 500, context
+(2, 77, 768) for v1 and (2, 77, 1024) for v2; fp32 on the CPU and bf16 on CUDA unless `--dtype`
+says otherwise. Each variant (eager NCHW, channels_last, compile) is applied to both models. The
+first call of each model is the warm-up, and its outputs give the max abs difference between the
+two. Then the median wall time of `--repeats` calls (64x64: `--repeats-64`), the two models'
+calls alternating. FLOPs per step come from `torch.utils.flop_counter.FlopCounterMode` on our
+model (matmuls, convs and SDPA; elementwise ops and norms are not counted). The peak is the median
+time of a large square `torch.mm` in the same dtype. Writes its section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
-from machine import machine  # bench/machine.py
+from machine import RESULTS, machine, resolve_device_dtype, write_section  # bench/machine.py
 
 import torch
 
@@ -46,24 +50,47 @@ sys.path.insert(0, str(HERE.parent))
 PREFIX = "model.diffusion_model."
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `fn()` in ms."""
-    times = []
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("eager", "channels_last", "compile")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_pair(fns: list, repeats: int, device: str) -> list[float]:
+    """Median wall time in ms of each function, the calls interleaved (a, b, a, b, ...) so that a change
+    in the machine's load during the run hits every function alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
-def mm_peak() -> float:
-    """Achieved GFLOP/s of a 2048x2048 fp32 matmul (median of 10 after a warm-up)."""
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def mm_peak(device: str, dtype: torch.dtype) -> float:
+    """Achieved GFLOP/s of a large square matmul in `dtype` (2048 on the CPU, 8192 on a GPU; median of 10)."""
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     with torch.inference_mode():
         torch.mm(a, b)
-        ms = timed(lambda: torch.mm(a, b), 10)
+        (ms,) = timed_pair([lambda: torch.mm(a, b)], 10, device)
     return 2 * n ** 3 / (ms * 1e-3) / 1e9
+
+
+def prepare(model: torch.nn.Module, variant: str) -> float:
+    """Lay out / compile a model for a variant; returns the seconds it took (compiling happens at the first call)."""
+    start = time.perf_counter()
+    if variant in ("channels_last", "compile"):
+        model.to(memory_format=torch.channels_last)
+    if variant == "compile":
+        model.compile()
+    return time.perf_counter() - start
 
 
 def build(name: str, original: dict):
@@ -103,12 +130,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32], help="latent sizes (default 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls at sizes below 64 (default 5)")
-    parser.add_argument("--repeats-64", type=int, default=2, help="timed calls at 64 and above (default 2)")
+    parser.add_argument("--repeats-64", type=int, default=3, help="timed calls at 64 and above (default 3)")
     parser.add_argument("--layouts", nargs="+", default=["v1", "v2"], choices=["v1", "v2"])
-    parser.add_argument("--out", default=str(HERE / "RESULTS-unet.md"), help="results file ('' = print only)")
+    parser.add_argument("--variants", nargs="+", default=["eager", "channels_last"], choices=VARIANTS,
+                        help="how both models run: eager NCHW, channels_last, compile (torch.compile of the "
+                             "channels-last model; minutes of compiling per model and size on a CPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights and inputs (auto: fp32 on the CPU, bf16 on CUDA)")
+    parser.add_argument("--out", default=str(RESULTS), help="results file ('' = print only)")
     args = parser.parse_args()
     if any(s % 8 or s <= 0 for s in args.sizes) or args.repeats < 1 or args.repeats_64 < 1:
         parser.error("sizes must be positive multiples of 8; repeats at least 1")
+    resolve_device_dtype(parser, args)
+    device, dtype = args.device, DTYPES[args.dtype]
 
     import diffusers
     from torch.utils.flop_counter import FlopCounterMode
@@ -117,46 +152,65 @@ def main() -> None:
 
     started = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    peak = mm_peak()
-    print(f"fp32 mm 2048x2048: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    peak = mm_peak(device, dtype)
+    print(f"{args.dtype} mm: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads, {device})", flush=True)
 
     rows = []
     for name in args.layouts:
         ours, theirs, context_dim = build(name, SD_V1 if name == "v1" else SD_V2)
-        for size in args.sizes:
-            repeats = args.repeats if size < 64 else args.repeats_64
-            gen = torch.Generator().manual_seed(2)
-            x = torch.randn(2, 4, size, size, generator=gen)
-            ctx = torch.randn(2, 77, context_dim, generator=gen)
-            t = torch.tensor([500, 500])
-            with torch.inference_mode():
-                a = ours(x, t, ctx)  # warm-up + comparison
-                b = theirs(x, t, encoder_hidden_states=ctx).sample
-                diff = (a - b).abs().max().item()
-                scale = a.abs().max().item()
-                ours_ms = timed(lambda: ours(x, t, ctx), repeats)
-                theirs_ms = timed(lambda: theirs(x, t, encoder_hidden_states=ctx), repeats)
-                with FlopCounterMode(display=False) as counter:
-                    ours(x, t, ctx)
-            gflop = counter.get_total_flops() / 1e9
-            achieved = gflop / (ours_ms * 1e-3)
-            row = {"layout": f"SD-{name}", "size": size, "ours": ours_ms, "theirs": theirs_ms, "gflop": gflop,
-                   "gflops": achieved, "pct": 100 * achieved / peak, "diff": diff, "scale": scale,
-                   "repeats": repeats}
-            rows.append(row)
-            print(f"[{name} {size}x{size}] ours {ours_ms:.0f} ms, diffusers {theirs_ms:.0f} ms, {gflop:.0f} GFLOP, "
-                  f"max abs diff {diff:.2e} (output max {scale:.2f})", flush=True)
-        del ours, theirs
+        if (device, dtype) != ("cpu", torch.float32):  # (a no-op .to() would still make diffusers warn)
+            ours.to(device, dtype)
+            theirs.to(device, dtype)
+        gflop: dict[int, float] = {}
+        for variant in [v for v in VARIANTS if v in args.variants]:
+            setup = [prepare(ours, variant), prepare(theirs, variant)]
+            for size in args.sizes:
+                repeats = args.repeats if size < 64 else args.repeats_64
+                gen = torch.Generator().manual_seed(2)
+                x = torch.randn(2, 4, size, size, generator=gen).to(device, dtype)
+                ctx = torch.randn(2, 77, context_dim, generator=gen).to(device, dtype)
+                t = torch.tensor([500, 500], device=device)
+                with torch.inference_mode():
+                    first = []
+                    for fn in (lambda: ours(x, t, ctx), lambda: theirs(x, t, encoder_hidden_states=ctx).sample):
+                        sync(device)
+                        start = time.perf_counter()
+                        first.append(fn())
+                        sync(device)
+                        first.append(time.perf_counter() - start)
+                    a, first_ours, b, first_theirs = first
+                    diff = (a.float() - b.float()).abs().max().item()
+                    scale = a.float().abs().max().item()
+                    ours_ms, theirs_ms = timed_pair([lambda: ours(x, t, ctx),
+                                                     lambda: theirs(x, t, encoder_hidden_states=ctx)], repeats, device)
+                    if size not in gflop:
+                        with FlopCounterMode(display=False) as counter:
+                            ours(x, t, ctx)
+                        gflop[size] = counter.get_total_flops() / 1e9
+                achieved = gflop[size] / (ours_ms * 1e-3)
+                row = {"layout": f"SD-{name}", "size": size, "variant": variant, "ours": ours_ms, "theirs": theirs_ms,
+                       "gflop": gflop[size], "gflops": achieved, "pct": 100 * achieved / peak, "diff": diff,
+                       "scale": scale, "repeats": repeats,
+                       "first": (setup[0] + first_ours, setup[1] + first_theirs)}
+                rows.append(row)
+                print(f"[{name} {size}x{size} {variant}] ours {ours_ms:.0f} ms, diffusers {theirs_ms:.0f} ms, "
+                      f"{gflop[size]:.0f} GFLOP, max abs diff {diff:.2e} (output max {scale:.2f}); first call "
+                      f"{row['first'][0]:.1f} s / {row['first'][1]:.1f} s", flush=True)
+        ours = theirs = None  # free this layout before the next is built
         gc.collect()
 
-    lines = ["| layout | latent | ours ms | diffusers ms | ours / diffusers | GFLOP per step | ours GFLOP/s "
-             "| % of mm peak | max abs diff |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| layout | latent | variant | ours ms | diffusers ms | ours / diffusers | ours it/s | GFLOP per step "
+             "| ours GFLOP/s | % of mm peak | max abs diff |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['layout']} | {r['size']}x{r['size']} | {r['ours']:.0f} | {r['theirs']:.0f} "
-                     f"| {r['ours'] / r['theirs']:.3f} | {r['gflop']:.0f} | {r['gflops']:.1f} | {r['pct']:.0f}% "
-                     f"| {r['diff']:.1e} |")
+        lines.append(f"| {r['layout']} | {r['size']}x{r['size']} | {r['variant']} | {r['ours']:.0f} | {r['theirs']:.0f} "
+                     f"| {r['ours'] / r['theirs']:.3f} | {1e3 / r['ours']:.2f} | {r['gflop']:.0f} | {r['gflops']:.1f} "
+                     f"| {r['pct']:.0f}% | {r['diff']:.1e} |")
     table = "\n".join(lines)
+    compiled = [r for r in rows if r["variant"] == "compile"]
+    if compiled:
+        table += "\n\nFirst call with compiling (s, ours / diffusers): " + "; ".join(
+            f"{r['layout']} {r['size']}x{r['size']} {r['first'][0]:.0f} / {r['first'][1]:.0f}" for r in compiled)
     print()
     print(table)
     elapsed = time.perf_counter() - started
@@ -165,22 +219,24 @@ def main() -> None:
         return
     command = "python bench/unet_step.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     repeats = ", ".join(f"{r['size']}x{r['size']}: {r['repeats']}" for r in {r["size"]: r for r in rows}.values())
-    text = f"""# One UNet step on CPU: ours vs diffusers
+    threads = f" ({torch.get_num_threads()} threads)" if device == "cpu" else f" ({torch.cuda.get_device_name()})"
+    text = f"""## One UNet step: ours vs diffusers ({device}, {args.dtype})
 
 `{command}`, {datetime.date.today().isoformat()}, {machine()}, load average {load:.2f} at the start.
-python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), diffusers {diffusers.__version__}. Total run time {elapsed:.0f} s.
+python {platform.python_version()}, torch {torch.__version__}{threads}, diffusers {diffusers.__version__}. Total run time {elapsed:.0f} s.
 
 Full-size SD-v1 / SD-v2 UNet layouts (860M / 866M parameters), random weights shared by both models, batch 2
-(CFG), fp32, `torch.inference_mode()`, timestep 500, context 77 tokens. Median of timed calls after
-one warm-up call ({repeats}). GFLOP per step is from `FlopCounterMode` on our model (matmuls, convs,
-attention; elementwise work not counted). Peak: a 2048x2048 fp32 `torch.mm` at {peak:.1f} GFLOP/s.
-Max abs diff is between the two models' outputs on the warm-up call (outputs reach about
-{max(r['scale'] for r in rows):.1f} in absolute value).
+(CFG), {args.dtype} weights and inputs on {device}, `torch.inference_mode()`, timestep 500, context 77 tokens.
+Variants apply to both models alike: `eager` (NCHW), `channels_last` (`model.to(memory_format=torch.channels_last)`),
+`compile` (channels-last plus `model.compile()`). Median of timed calls after one warm-up call ({repeats}); the
+calls of the two models alternate. `ours it/s` is steps per second of a batch-2 (one image with CFG) step.
+GFLOP per step is from `FlopCounterMode` on our model (matmuls, convs, attention; elementwise work not counted).
+Peak: a large square `torch.mm` in {args.dtype} at {peak:.1f} GFLOP/s. Max abs diff is between the two models'
+outputs on the warm-up call (outputs reach about {max(r['scale'] for r in rows):.1f} in absolute value).
 
 {table}
 """
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
+    write_section(f"unet_step {device} {args.dtype}", text, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ decodes (`--repeats-large` from 1024 px up). Peak memory: CPU: the process's pea
 torch, the weights and the decode; the RSS before the first full-size decode is given below the table);
 CUDA: `torch.cuda.max_memory_allocated` after a reset that follows the warm-up (weights included).
 Cases above `--max-size`, untiled cases above `--max-untiled`, and cases that run past `--timeout`
-or out of memory are reported as skipped, not fatal. Appends to bench/RESULTS-vae.md (`--out`).
+or out of memory are reported as skipped, not fatal. `--layouts nchw channels_last` also times the
+model moved with `.to(memory_format=torch.channels_last)` (txt2img's `--channels-last`).
+Writes its section of bench/RESULTS.md (`--out`), one per device/dtype/layouts.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
-from machine import append_results, machine, resolve_device_dtype  # bench/machine.py
+from machine import RESULTS, machine, resolve_device_dtype, write_section  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -64,6 +66,8 @@ def run_worker(args) -> dict:
     torch.manual_seed(0)
     config = AutoencoderConfig.from_dict(read_yaml(ROOT / "configs/autoencoder/kl-f8.yaml")["model"])
     ae = AutoencoderKL(config).eval().requires_grad_(False).to(device=device, dtype=dtype)
+    if args.channels_last:
+        ae.to(memory_format=torch.channels_last)
     if args.tiled:
         ae.enable_tiling(args.tile_latent, args.overlap_latent)
     f = ae.downsampling_factor
@@ -121,7 +125,10 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=0, help="skip cases above this many pixels (0: none)")
     parser.add_argument("--max-untiled", type=int, default=0, help="skip untiled cases above this many pixels (0: none)")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per case before it is skipped (0: none)")
-    parser.add_argument("--out", default=str(HERE / "RESULTS-vae.md"), help="results file to append to ('' = print only)")
+    parser.add_argument("--layouts", nargs="+", default=["nchw"], choices=["nchw", "channels_last"],
+                        help="memory layouts of the model to time")
+    parser.add_argument("--out", default=str(RESULTS), help="results file ('' = print only)")
+    parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # a child: the output size of one case
     parser.add_argument("--tiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,45 +148,47 @@ def main() -> None:
     started = time.perf_counter()
     modes = {"both": [False, True], "off": [False], "on": [True]}[args.tiling]
     rows, befores, params = [], [], None
-    for size in args.sizes:
-        for tiled in modes:
-            tiles = n_tiles(size // 8, args.tile_latent, args.overlap_latent)
-            label = "off" if not tiled else (f"on, {tiles} tiles" if tiles > 1 else "on, 1 tile (no-op)")
-            skip = None
-            if args.max_size and size > args.max_size:
-                skip = f"skipped (--max-size {args.max_size})"
-            elif not tiled and args.max_untiled and size > args.max_untiled:
-                skip = f"skipped (--max-untiled {args.max_untiled})"
-            if skip is None:
-                repeats = args.repeats if size < 1024 else args.repeats_large
-                command = [sys.executable, __file__, "--worker", str(size), "--device", args.device,
-                           "--dtype", args.dtype, "--repeats", str(repeats), "--tile-latent", str(args.tile_latent),
-                           "--overlap-latent", str(args.overlap_latent)] + (["--tiled"] if tiled else [])
-                try:
-                    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout or None)
-                except subprocess.TimeoutExpired:
-                    skip = f"skipped (over --timeout {args.timeout:g} s)"
+    cases = [(size, tiled, layout) for size in args.sizes for layout in args.layouts for tiled in modes]
+    for size, tiled, layout in cases:
+        tiles = n_tiles(size // 8, args.tile_latent, args.overlap_latent)
+        label = "off" if not tiled else (f"on, {tiles} tiles" if tiles > 1 else "on, 1 tile (no-op)")
+        skip = None
+        if args.max_size and size > args.max_size:
+            skip = f"skipped (--max-size {args.max_size})"
+        elif not tiled and args.max_untiled and size > args.max_untiled:
+            skip = f"skipped (--max-untiled {args.max_untiled})"
+        if skip is None:
+            repeats = args.repeats if size < 1024 else args.repeats_large
+            command = [sys.executable, __file__, "--worker", str(size), "--device", args.device,
+                       "--dtype", args.dtype, "--repeats", str(repeats), "--tile-latent", str(args.tile_latent),
+                       "--overlap-latent", str(args.overlap_latent)] + (["--tiled"] if tiled else [])
+            command += ["--channels-last"] if layout == "channels_last" else []
+            try:
+                proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout or None)
+            except subprocess.TimeoutExpired:
+                skip = f"skipped (over --timeout {args.timeout:g} s)"
+            else:
+                if proc.returncode == -9:
+                    skip = "skipped (killed: out of memory?)"
+                elif proc.returncode != 0:
+                    skip = f"failed (exit code {proc.returncode}, see above)"
                 else:
-                    if proc.returncode == -9:
-                        skip = "skipped (killed: out of memory?)"
-                    elif proc.returncode != 0:
-                        skip = f"failed (exit code {proc.returncode}, see above)"
-                    else:
-                        r = json.loads(proc.stdout.strip().splitlines()[-1])
-                        skip = f"skipped ({r['error']})" if "error" in r else None
-            if skip is not None:
-                rows.append((size, label, skip, ""))
-                print(f"[{size} px, tiling {label}] {skip}", flush=True)
-                continue
-            params = r["params"]
-            befores.append(r["before"])
-            memory = f"{r['peak'] / GIB:.2f} GiB {r['kind']}"
-            seconds = f"{r['seconds']:.3f}" + (" (fp32 fallback)" if r["upcast"] else "")
-            rows.append((size, label, seconds, memory))
-            print(f"[{size} px, tiling {label}] {seconds} s, peak {memory}", flush=True)
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    skip = f"skipped ({r['error']})" if "error" in r else None
+        if skip is not None:
+            rows.append((size, layout, label, skip, ""))
+            print(f"[{size} px, {layout}, tiling {label}] {skip}", flush=True)
+            continue
+        params = r["params"]
+        befores.append(r["before"])
+        memory = f"{r['peak'] / GIB:.2f} GiB {r['kind']}"
+        seconds = f"{r['seconds']:.3f}" + (" (fp32 fallback)" if r["upcast"] else "")
+        rows.append((size, layout, label, seconds, memory))
+        print(f"[{size} px, {layout}, tiling {label}] {seconds} s, peak {memory}", flush=True)
 
-    lines = ["| size | tiling | seconds | peak memory |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {size}x{size} | {label} | {seconds} | {memory} |" for size, label, seconds, memory in rows]
+    lines = ["| size | layout | tiling | seconds | peak memory |", "| --- | --- | --- | ---: | ---: |"]
+    lines += [f"| {size}x{size} | {layout} | {label} | {seconds} | {memory} |"
+              for size, layout, label, seconds, memory in rows]
     table = "\n".join(lines)
     elapsed = time.perf_counter() - started
     print()
@@ -197,10 +206,9 @@ def main() -> None:
     else:
         memory_note = "Peak memory: peak RSS of a fresh process per case."
     decoder = f" ({params / 1e6:.0f}M decoder parameters)" if params else ""
-    text = f"""
-## {datetime.date.today().isoformat()}: {args.dtype} on {device}
+    text = f"""## VAE decode: {args.dtype} on {device}
 
-`{command}`, {machine()}, load average {load:.2f} at the start.
+`{command}`, {datetime.date.today().isoformat()}, {machine()}, load average {load:.2f} at the start.
 python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), device {device},
 dtype {args.dtype}. SD kl-f8 autoencoder{decoder}, random weights, batch 1.
 Tiles of {args.tile_latent} latent pixels with {args.overlap_latent} overlap.
@@ -210,7 +218,7 @@ Total run time {elapsed:.0f} s.
 
 {table}
 """
-    append_results(args.out, "VAE decode (bench/vae_decode.py)", text)
+    write_section(f"vae_decode {args.device} {args.dtype} {' '.join(args.layouts)}", text, args.out)
 
 
 if __name__ == "__main__":

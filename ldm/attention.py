@@ -24,6 +24,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoencoder.errors import InputError
+from autoencoder.modules import is_channels_last
+
+from .conv import Conv2d
 
 BACKENDS = ("sdpa", "xformers", "math")
 _backend = "sdpa"
@@ -183,7 +186,7 @@ class SpatialTransformer(nn.Module):
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+            self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, heads, dim_head, context_dim=context_dim, dropout=dropout,
                                   use_checkpoint=use_checkpoint)
@@ -191,7 +194,7 @@ class SpatialTransformer(nn.Module):
         if use_linear:
             self.proj_out = nn.Linear(inner_dim, in_channels)
         else:
-            self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+            self.proj_out = Conv2d(inner_dim, in_channels, kernel_size=1)
         self.use_linear = use_linear
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,9 +210,10 @@ class SpatialTransformer(nn.Module):
             tokens = block(tokens, context)
         if self.use_linear:
             tokens = self.proj_out(tokens)
-        # Back to a contiguous NCHW map: a channels-last view here would make every later conv run
-        # channels-last and re-lay-out its (contiguous) weights at each call.
-        tokens = tokens.transpose(1, 2).reshape(b, -1, h, w).contiguous()
+        # Back to a map in the input's memory format: a channels-last view of an NCHW model would make
+        # every later conv run channels-last and re-lay-out its (contiguous) weights at each call.
+        tokens = tokens.transpose(1, 2).reshape(b, -1, h, w).contiguous(
+            memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
         if not self.use_linear:
             tokens = self.proj_out(tokens)
         return tokens + x

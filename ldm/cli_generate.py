@@ -5,7 +5,9 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,11 @@ def add_generation_args(p: argparse.ArgumentParser, *, outdir: str) -> None:
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                    help="also save a grid of each run's images")
     p.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in tiles: large images, less memory")
+    p.add_argument("--channels-last", action="store_true",
+                   help="lay the UNet and autoencoder out channels-last (faster convs on most CPUs and GPUs)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser (fuses GroupNorm+SiLU and friends; the first image pays "
+                        "the compile time, about 1.5 min on 2 CPU cores for the default model)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -95,7 +102,20 @@ def load_for_generation(args: argparse.Namespace) -> tuple[LatentDiffusion, torc
         raise InputError(f"{path} has no {' and no '.join(missing)}: text-to-image needs a full latent diffusion model")
     if args.vae_tiling:
         model.autoencoder.enable_tiling()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_denoiser(model)
     return model, device, model_hash(path)
+
+
+def compile_denoiser(model: LatentDiffusion) -> None:
+    """`torch.compile` the denoiser in place (its state_dict keys stay as they are); compiles at the first call."""
+    device = next(model.denoiser.parameters()).device
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise InputError("--compile on the CPU needs a C++ compiler (install g++, e.g. apt install g++); "
+                         "or leave --compile off")
+    model.denoiser.compile()
 
 
 def next_index(folder: Path, pattern: str) -> int:

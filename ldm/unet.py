@@ -19,8 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 from autoencoder.config import check_keys, coerce_numbers
 from autoencoder.errors import InputError
+from autoencoder.modules import is_channels_last
 
 from .attention import SpatialTransformer
+from .conv import Conv2d
 
 # Original unet_config params that change no weight (read and dropped), those we accept only at
 # the value every SD 1.x/2.x UNet uses (other values change the module tree), and the original
@@ -165,7 +167,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -178,7 +180,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+            self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -193,7 +195,7 @@ class ResBlock(nn.Module):
                  down: bool = False):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -202,8 +204,8 @@ class ResBlock(nn.Module):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
 
@@ -267,7 +269,7 @@ class UNetModel(nn.Module):
                                       use_linear=cfg.use_linear_in_transformer, use_checkpoint=cfg.use_checkpoint)
 
         ch = cfg.model_channels
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
         ds = 1  # downsampling factor of the current level; attention where it is in attention_resolutions
         for level, mult in enumerate(cfg.channel_mult):
@@ -298,7 +300,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,6 +322,9 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y)
         h, context = x.to(dtype), context.to(dtype)
+        channels_last = is_channels_last(self.input_blocks[0][0].weight)
+        if channels_last:  # model.to(memory_format=torch.channels_last): feed the convs their layout
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -327,7 +332,8 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        out = self.out(h).to(x.dtype)
+        return out.contiguous() if channels_last else out
 
 
 ORIGINAL_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel",)

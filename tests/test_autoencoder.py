@@ -54,6 +54,20 @@ def test_parity_with_original_tiny_sd2():
     torch.testing.assert_close(rebuilt, original, atol=1e-7, rtol=0)
 
 
+def test_channels_last_matches_the_original_fixture_too():
+    """model.to(memory_format=channels_last) keeps the original code's numbers; inputs may be either layout."""
+    ref = reference_dir("tiny-sd2")
+    model = ldm.load_model(ref / "model.safetensors", config=ref / "config.yaml").to(memory_format=torch.channels_last)
+    cases = load_file(ref / "cases.safetensors")
+    with torch.no_grad():
+        posterior = model.autoencoder.encode(cases["ae_image"])
+        decoded = model.autoencoder.decode(posterior.mean.contiguous(memory_format=torch.channels_last))
+    assert model.autoencoder.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert decoded.is_contiguous()
+    torch.testing.assert_close(posterior.mean, cases["ae_posterior_mean"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(decoded, cases["ae_decoded"], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_first_stage_keys_match_sd_manifest(version):
     manifest = json.loads((reference_dir("sd-formats") / f"sd-{version}-keys.json").read_text())

@@ -458,3 +458,40 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert_one_line_error(result.returncode, result.stderr, "refusing to load")
     assert "Nothing was executed" in result.stderr
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# speed options: --channels-last, --compile
+
+
+def _txt2img_pixels(tiny_ckpt, outdir: Path, *extra: str) -> np.ndarray:
+    argv = sys.argv
+    sys.argv = ["tools/txt2img.py", "--ckpt", str(tiny_ckpt), "--prompt", PROMPT, "--steps", "3",
+                "--n_samples", "2", "--no-grid", "--outdir", str(outdir), *extra]
+    try:
+        runpy.run_path(str(REPO / "tools" / "txt2img.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return np.stack([pixels(p) for p in sorted((outdir / "samples").glob("*.png"))]).astype(int)
+
+
+def test_channels_last_gives_the_same_images(tiny_ckpt, tmp_path):
+    plain = _txt2img_pixels(tiny_ckpt, tmp_path / "plain")
+    channels_last = _txt2img_pixels(tiny_ckpt, tmp_path / "cl", "--channels-last")
+    assert plain.shape == (2, NATIVE, NATIVE, 3)
+    assert np.abs(plain - channels_last).max() <= 1  # float32 rounding may move a pixel by one level
+
+
+def test_compile_without_a_compiler_is_a_clean_error(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    code, err = run_in_process("txt2img.py", ["--ckpt", str(tiny_ckpt), "--prompt", "a", "--compile", "--device",
+                                              "cpu", "--outdir", str(tmp_path)], monkeypatch, capsys)
+    assert_one_line_error(code, err, "--compile on the CPU needs a C++ compiler")
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_images(tiny_ckpt, tmp_path):
+    """torch.compile (inductor, a C++ compiler on the CPU): about a minute of compiling."""
+    plain = _txt2img_pixels(tiny_ckpt, tmp_path / "plain")
+    compiled = _txt2img_pixels(tiny_ckpt, tmp_path / "compiled", "--compile")
+    assert np.abs(plain - compiled).max() <= 1

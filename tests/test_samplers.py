@@ -298,3 +298,26 @@ def test_plms_matches_the_original_plms_sampler(steps, parameterization):
     reference = _original_plms(toy_model, x_T, SD.alphas_cumprod.double(), steps, parameterization)
     ours = samplers.sample(toy_model, x_T, SD, sampler="plms", steps=steps, parameterization=parameterization)
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))
+def test_sampling_loop_never_reads_device_tensors(sampler):
+    """No host sync in the loop: run on meta-device tensors, which have no values, so any .item(), bool(),
+    float() or .cpu() of the latents, the model output or the timesteps it hands the model would raise.
+    The schedule's tables stay on the CPU (scalars read from them cost no device sync)."""
+    schedule = NoiseSchedule.make("scaled_linear", 1000, 0.00085, 0.012)
+    x_T = torch.empty(1, 4, 8, 8, device="meta")
+    seen = []
+
+    def denoiser(x, t, context):
+        seen.append(t.device.type)
+        return torch.empty_like(x)
+
+    context = torch.empty(1, 5, 8, device="meta")
+    model_fn = samplers.guided_model_fn(denoiser, context, context, guidance_scale=7.5)
+    generator = torch.Generator().manual_seed(0)
+    for extra in ({}, {"init_latent": torch.empty_like(x_T), "strength": 0.6},
+                  {"init_latent": torch.empty_like(x_T), "keep_mask": torch.empty(1, 1, 8, 8, device="meta")}):
+        out = samplers.sample(model_fn, x_T, schedule, sampler=sampler, steps=5, generator=generator, **extra)
+        assert out.device.type == "meta" and out.shape == x_T.shape
+    assert seen and set(seen) == {"meta"}

@@ -263,3 +263,42 @@ def test_bad_denoiser_configs_and_inputs_are_refused():
         model(x, t)
     with pytest.raises(InputError, match="divisible by 4"):
         model(x[..., :22], t, context)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_heads=-1, num_head_channels=16, use_linear_in_transformer=True)])
+def test_channels_last_model_gives_the_same_output(overrides):
+    """model.to(memory_format=channels_last): the layout is kept through the transformers, the numbers are not changed."""
+    model = _tiny(**overrides)
+    x, t, context = _inputs()
+    with torch.no_grad():
+        expected = model(x, t, context)
+        model.to(memory_format=torch.channels_last)
+        layouts = []
+        model.output_blocks[-1][0].in_layers[-1].register_forward_pre_hook(
+            lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        out = model(x, t, context)
+    assert layouts == [True]  # the last output block's conv still sees a channels-last map
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, size", [(dict(kernel_size=3, padding=1), 8), (dict(kernel_size=3, padding=1), 4),
+                                          (dict(kernel_size=3, stride=2, padding=1), 16),
+                                          (dict(kernel_size=1, bias=False), 8), (dict(kernel_size=3, padding=1), 32)])
+def test_small_map_conv_matches_nn_conv2d(kwargs, size, monkeypatch):
+    """ldm.conv.Conv2d: maps of <= 8x8 output pixels go through im2col + matmul on the CPU without autograd."""
+    from ldm import conv
+
+    layer = conv.Conv2d(24, 40, **kwargs)
+    x = torch.randn(2, 24, size, size)
+    expected = torch.nn.functional.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
+    calls, as_matmul = [], conv.Conv2d._as_matmul
+    monkeypatch.setattr(conv.Conv2d, "_as_matmul", lambda self, *args: calls.append(1) or as_matmul(self, *args))
+    with torch.no_grad():
+        out = layer(x)
+    small = out.shape[-1] * out.shape[-2] <= conv.SMALL_MAP_PIXELS
+    assert calls == ([1] if small else [])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out = layer(x)  # with autograd: always nn.Conv2d's own path
+    assert out.requires_grad and len(calls) == int(small)
+    assert list(layer.state_dict()) == list(torch.nn.Conv2d(24, 40, **kwargs).state_dict())

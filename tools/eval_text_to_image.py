@@ -153,7 +153,7 @@ def main() -> None:
     print(f"{result['train_images']} training images, {result['distinct_captions']} distinct captions; "
           f"{args.captions} captions x {args.seeds} seeds, {args.sampler} {args.steps} steps, "
           f"feature {args.feature_size}x{args.feature_size} RGB")
-    print(f"| guidance scale | caption retrieval (top-1) | chance | x chance | RMS to nearest training image | s/image |")
+    print("| guidance scale | caption retrieval (top-1) | chance | x chance | RMS to nearest training image | s/image |")
     print("|---:|---:|---:|---:|---:|---:|")
     for row in result["rows"]:
         print(f"| {row['scale']:g} | {row['retrieval']:.1%} ({row['hits']}/{row['images']}) | {result['chance']:.3%} "
