@@ -200,7 +200,7 @@ def run_worker(args) -> dict:
 def row_cells(r: dict) -> list[str]:
     overhead = 100 * r["stub_step"] / r["model_step"]
     return [r["model"], f"{r['size']}x{r['size']}", str(r["steps"]), f"{r['text']:.3f}", f"{r['loop']:.2f}",
-            f"{r['model_step']:.4f}", f"{1 / r['model_step']:.2f}", f"{overhead:.2f}% ({r['stub_step'] * 1e3:.2f} ms)", f"{r['decode']:.3f}",
+            f"{r['model_step']:.4f}", f"{1 / r['model_step']:.2f}", f"{overhead:.2g}% ({r['stub_step'] * 1e3:.2f} ms)", f"{r['decode']:.3f}",
             f"{r['total']:.2f}", f"{r['peak'] / 1024 ** 3:.2f} GiB {r['peak_kind']}"]
 
 
