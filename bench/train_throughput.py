@@ -176,7 +176,7 @@ def main() -> None:
         command = "python bench/train_throughput.py" + (f" --steps {args.steps}" if args.steps != 80 else "") + \
             (f" --threads {args.threads}" if args.threads != available_cores() else "")
         text = [
-            "## Training throughput: on-the-fly encoding vs cached latents, 1 vs 2 processes", "",
+            "## Training throughput (tiny config): on-the-fly encoding vs cached latents, 1 vs 2 processes, gradient checkpointing", "",
             f"- command: `{command}`, {time.perf_counter() - started:.0f} s",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- machine: {machine()}; load average {load:.2f} when it started (other work shares the cores)",
