@@ -4,8 +4,8 @@ On the CPU, oneDNN's direct convolution runs far below matmul speed when the out
 and the channels many, as at the deepest levels of the SD UNet (1280 channels at 8x8 or 4x4
 latent pixels). There the same convolution as im2col plus one matmul (out = W [C_out, C_in*kh*kw]
 @ unfold(x) + b) is 1.9x (8x8) to 3.5x (4x4) faster at fp32 on 2 cores, and it takes the SD-v1
-UNet step at 32x32 latents from about diffusers' time to 0.74 of it (bench/RESULTS.md, unet_step;
-0.95 at 64x64, where only the 8x8 level benefits). From 16x16 up the direct
+UNet step at 32x32 latents from about diffusers' time to 0.76 of it (bench/RESULTS.md, unet_step;
+0.93 at 64x64, where only the 8x8 level benefits). From 16x16 up the direct
 convolution wins, so only maps of at most `SMALL_MAP_PIXELS` output pixels take the matmul path,
 and only for inference (no autograd: unfold's backward would cost more than it saves). The
 parameters, their names and the state dict are nn.Conv2d's; results agree to float rounding.
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from autoencoder.modules import is_channels_last
 
 SMALL_MAP_PIXELS = 64  # 8x8: measured faster as a matmul; 16x16 is even, larger maps are slower
 
@@ -42,7 +44,14 @@ class Conv2d(nn.Conv2d):
         """
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         batch, _, pixels = cols.shape
-        weight = self.weight.reshape(1, self.out_channels, -1).expand(batch, -1, -1)
+        if is_channels_last(self.weight):
+            # A channels-last weight is (C_out, kh, kw, C_in) in memory: flatten it in that order (a view,
+            # no copy of the weight) and reorder the much smaller cols from (C_in, kh, kw) to match.
+            weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+            cols = cols.view(batch, self.in_channels, -1, pixels).transpose(1, 2).reshape(batch, -1, pixels)
+        else:
+            weight = self.weight.reshape(self.out_channels, -1)
+        weight = weight.unsqueeze(0).expand(batch, -1, -1)
         if self.bias is None:
             out = torch.bmm(weight, cols)
         else:

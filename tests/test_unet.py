@@ -285,11 +285,14 @@ def test_channels_last_model_gives_the_same_output(overrides):
 @pytest.mark.parametrize("kwargs, size", [(dict(kernel_size=3, padding=1), 8), (dict(kernel_size=3, padding=1), 4),
                                           (dict(kernel_size=3, stride=2, padding=1), 16),
                                           (dict(kernel_size=1, bias=False), 8), (dict(kernel_size=3, padding=1), 32)])
-def test_small_map_conv_matches_nn_conv2d(kwargs, size, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_map_conv_matches_nn_conv2d(kwargs, size, channels_last, monkeypatch):
     """ldm.conv.Conv2d: maps of <= 8x8 output pixels go through im2col + matmul on the CPU without autograd."""
     from ldm import conv
 
     layer = conv.Conv2d(24, 40, **kwargs)
+    if channels_last:
+        layer.to(memory_format=torch.channels_last)
     x = torch.randn(2, 24, size, size)
     expected = torch.nn.functional.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
     calls, as_matmul = [], conv.Conv2d._as_matmul
