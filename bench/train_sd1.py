@@ -51,6 +51,7 @@ GIB = 1024 ** 3
 
 
 def run_worker(args) -> dict:
+    import contextlib
     import copy
     import tempfile
 
@@ -89,7 +90,7 @@ def run_worker(args) -> dict:
         pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
     captions = [CAPTIONS[k % len(CAPTIONS)] for k in range(args.batch)]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else __import__("contextlib").nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     cached = None
     if args.cached:  # what tools/encode_latents.py stores: the posterior's mean and std, and the contexts
         with torch.no_grad(), autocast():

@@ -112,7 +112,8 @@ def load_for_generation(args: argparse.Namespace) -> tuple[LatentDiffusion, torc
 def compile_denoiser(model: LatentDiffusion) -> None:
     """`torch.compile` the denoiser in place (its state_dict keys stay as they are); compiles at the first call."""
     device = next(model.denoiser.parameters()).device
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+    compilers = {os.environ.get("CXX", "g++"), "g++", "c++", "clang++"}  # inductor's CPU backend builds C++
+    if device.type == "cpu" and not any(shutil.which(c) for c in compilers):
         raise InputError("--compile on the CPU needs a C++ compiler (install g++, e.g. apt install g++); "
                          "or leave --compile off")
     model.denoiser.compile()
