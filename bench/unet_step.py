@@ -5,6 +5,7 @@
     python bench/unet_step.py --sizes 32 64                # also 64x64 (512 px; several seconds a step on a CPU)
     python bench/unet_step.py --variants eager compile     # torch.compile too (minutes of compiling on a CPU)
     python bench/unet_step.py --device cuda --sizes 64     # on a GPU: bf16 by default
+    python bench/unet_step.py --device cuda --sizes 64 --variants eager fused_qkv channels_last cuda_graphs
     python bench/unet_step.py --repeats 3 --out ''         # fewer repeats; print only, write no file
 
 For each layout (the full-size `unet_config` of `ldm.original_configs.SD_V1` / `SD_V2`,
@@ -19,9 +20,9 @@ converter did not copy.
 
 One step: batch 2 (classifier-free guidance), `torch.inference_mode()`, timestep 500, context
 (2, 77, 768) for v1 and (2, 77, 1024) for v2; fp32 on the CPU and bf16 on CUDA unless `--dtype`
-says otherwise. Each variant (eager NCHW, channels_last, compile) is applied to both models. The
-first call of each model is the warm-up, and its outputs give the max abs difference between the
-two. Then the median wall time of `--repeats` calls (64x64: `--repeats-64`), the two models'
+says otherwise. Each variant (eager NCHW, fused_qkv, channels_last, compile, cuda_graphs) is
+applied to both models. The first call of each model is the warm-up, and its outputs give the max
+abs difference between the two. Then the median wall time of `--repeats` calls (64x64: `--repeats-64`), the two models'
 calls alternating. FLOPs per step come from `torch.utils.flop_counter.FlopCounterMode` on our
 model (matmuls, convs and SDPA; elementwise ops and norms are not counted). The peak is the median
 time of a large square `torch.mm` in the same dtype. Writes its section of bench/RESULTS.md.
@@ -51,7 +52,7 @@ PREFIX = "model.diffusion_model."
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS = ("eager", "channels_last", "compile")
+VARIANTS = ("eager", "fused_qkv", "channels_last", "compile", "cuda_graphs")
 
 
 def sync(device: str) -> None:
@@ -84,12 +85,23 @@ def mm_peak(device: str, dtype: torch.dtype) -> float:
 
 
 def prepare(model: torch.nn.Module, variant: str) -> float:
-    """Lay out / compile a model for a variant; returns the seconds it took (compiling happens at the first call)."""
+    """Fuse / lay out / compile a model for a variant (variants run in VARIANTS order on the same model);
+    returns the seconds it took (compiling happens at the first call)."""
+    from ldm.attention import fuse_qkv_projections
+
     start = time.perf_counter()
-    if variant in ("channels_last", "compile"):
+    fuse = variant == "fused_qkv"
+    if hasattr(model, "fuse_qkv_projections"):  # diffusers
+        if fuse:
+            model.fuse_qkv_projections()
+        elif getattr(model, "original_attn_processors", None) is not None:
+            model.unfuse_qkv_projections()
+    else:
+        fuse_qkv_projections(model, fuse)
+    if variant in ("channels_last", "compile", "cuda_graphs"):
         model.to(memory_format=torch.channels_last)
-    if variant == "compile":
-        model.compile()
+    if variant in ("compile", "cuda_graphs"):
+        model.compile(mode="reduce-overhead" if variant == "cuda_graphs" else "default")
     return time.perf_counter() - start
 
 
@@ -133,8 +145,9 @@ def main() -> None:
     parser.add_argument("--repeats-64", type=int, default=3, help="timed calls at 64 and above (default 3)")
     parser.add_argument("--layouts", nargs="+", default=["v1", "v2"], choices=["v1", "v2"])
     parser.add_argument("--variants", nargs="+", default=["eager", "channels_last"], choices=VARIANTS,
-                        help="how both models run: eager NCHW, channels_last, compile (torch.compile of the "
-                             "channels-last model; minutes of compiling per model and size on a CPU)")
+                        help="how both models run: eager NCHW, fused_qkv (eager, one GEMM for Q/K/V), "
+                             "channels_last, compile (torch.compile of the channels-last model; minutes of "
+                             "compiling per model and size on a CPU), cuda_graphs (compile mode reduce-overhead; CUDA)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights and inputs (auto: fp32 on the CPU, bf16 on CUDA)")
@@ -144,6 +157,8 @@ def main() -> None:
         parser.error("sizes must be positive multiples of 8; repeats at least 1")
     resolve_device_dtype(parser, args)
     device, dtype = args.device, DTYPES[args.dtype]
+    if "cuda_graphs" in args.variants and device != "cuda":
+        parser.error("the cuda_graphs variant needs --device cuda")
 
     import diffusers
     from torch.utils.flop_counter import FlopCounterMode
@@ -170,19 +185,23 @@ def main() -> None:
                 x = torch.randn(2, 4, size, size, generator=gen).to(device, dtype)
                 ctx = torch.randn(2, 77, context_dim, generator=gen).to(device, dtype)
                 t = torch.tensor([500, 500], device=device)
+                # A CUDA graph replay reuses its output buffers: each call starts a new graph step, and the
+                # warm-up outputs are copied before the other model runs.
+                step = torch.compiler.cudagraph_mark_step_begin if variant == "cuda_graphs" else (lambda: None)
+                call_ours = lambda: (step(), ours(x, t, ctx))[1]  # noqa: E731
+                call_theirs = lambda: (step(), theirs(x, t, encoder_hidden_states=ctx).sample)[1]  # noqa: E731
                 with torch.inference_mode():
                     first = []
-                    for fn in (lambda: ours(x, t, ctx), lambda: theirs(x, t, encoder_hidden_states=ctx).sample):
+                    for fn in (call_ours, call_theirs):
                         sync(device)
                         start = time.perf_counter()
-                        first.append(fn())
+                        first.append(fn().clone())
                         sync(device)
                         first.append(time.perf_counter() - start)
                     a, first_ours, b, first_theirs = first
                     diff = (a.float() - b.float()).abs().max().item()
                     scale = a.float().abs().max().item()
-                    ours_ms, theirs_ms = timed_pair([lambda: ours(x, t, ctx),
-                                                     lambda: theirs(x, t, encoder_hidden_states=ctx)], repeats, device)
+                    ours_ms, theirs_ms = timed_pair([call_ours, call_theirs], repeats, device)
                     if size not in gflop:
                         with FlopCounterMode(display=False) as counter:
                             ours(x, t, ctx)
@@ -207,10 +226,11 @@ def main() -> None:
                      f"| {r['ours'] / r['theirs']:.3f} | {1e3 / r['ours']:.2f} | {r['gflop']:.0f} | {r['gflops']:.1f} "
                      f"| {r['pct']:.0f}% | {r['diff']:.1e} |")
     table = "\n".join(lines)
-    compiled = [r for r in rows if r["variant"] == "compile"]
+    compiled = [r for r in rows if r["variant"] in ("compile", "cuda_graphs")]
     if compiled:
         table += "\n\nFirst call with compiling (s, ours / diffusers): " + "; ".join(
-            f"{r['layout']} {r['size']}x{r['size']} {r['first'][0]:.0f} / {r['first'][1]:.0f}" for r in compiled)
+            f"{r['layout']} {r['size']}x{r['size']} {r['variant']} {r['first'][0]:.0f} / {r['first'][1]:.0f}"
+            for r in compiled)
     print()
     print(table)
     elapsed = time.perf_counter() - started
@@ -227,8 +247,9 @@ python {platform.python_version()}, torch {torch.__version__}{threads}, diffuser
 
 Full-size SD-v1 / SD-v2 UNet layouts (860M / 866M parameters), random weights shared by both models, batch 2
 (CFG), {args.dtype} weights and inputs on {device}, `torch.inference_mode()`, timestep 500, context 77 tokens.
-Variants apply to both models alike: `eager` (NCHW), `channels_last` (`model.to(memory_format=torch.channels_last)`),
-`compile` (channels-last plus `model.compile()`). Median of timed calls after one warm-up call ({repeats}); the
+Variants apply to both models alike: `eager` (NCHW), `fused_qkv` (eager; ours `ldm.attention.fuse_qkv_projections`,
+diffusers `fuse_qkv_projections()`), `channels_last` (`model.to(memory_format=torch.channels_last)`), `compile`
+(channels-last plus `model.compile()`), `cuda_graphs` (channels-last plus `model.compile(mode="reduce-overhead")`). Median of timed calls after one warm-up call ({repeats}); the
 calls of the two models alternate. `ours it/s` is steps per second of a batch-2 (one image with CFG) step.
 GFLOP per step is from `FlopCounterMode` on our model (matmuls, convs, attention; elementwise work not counted).
 Peak: a large square `torch.mm` in {args.dtype} at {peak:.1f} GFLOP/s. Max abs diff is between the two models'

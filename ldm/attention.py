@@ -113,11 +113,65 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.fused = False
+        self._fused_cache: tuple[tuple, torch.Tensor] | None = None  # (key of the weights it was made from, W)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out(out)
+        # Under torch.compile the traced graph keeps the three projections: the compiler owns kernel
+        # choice there, and the staleness check below (tensor versions) would break the graph.
+        if self.fused and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            q, k, v = self._fused_projections(x, context)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out(attention(q, k, v, self.heads))
+
+    def _apply(self, fn, recurse=True):
+        self._fused_cache = None  # remade from the moved / cast weights at the next call
+        return super()._apply(fn, recurse)
+
+    def _fused_projections(self, x: torch.Tensor, context: torch.Tensor | None):
+        """Q, K, V from one GEMM (self-attention: x @ [Wq; Wk; Wv]^T) or two (cross: Q, then [Wk; Wv])."""
+        inner = self.to_q.out_features
+        if context is None:
+            if self.to_k.in_features != self.to_q.in_features:
+                raise InputError(f"self-attention needs context_dim == query_dim, got {self.to_k.in_features} "
+                                 f"and {self.to_q.in_features}; pass a context")
+            return F.linear(x, self._fused_weight()).split(inner, dim=-1)
+        k, v = F.linear(context, self._fused_weight()[-2 * inner:]).split(inner, dim=-1)
+        return self.to_q(x), k, v
+
+    def _fused_weight(self) -> torch.Tensor:
+        """[Wq; Wk; Wv] (or [Wk; Wv] when Q and K/V read different widths), rebuilt whenever a weight changed.
+
+        A tensor's `_version` counts its in-place writes (optimizer steps, `load_state_dict`, EMA
+        copies), and `_apply` (`.to()`, `.half()`) drops the copy, so it can never go stale.
+        """
+        weights = [self.to_k.weight, self.to_v.weight]
+        if self.to_k.in_features == self.to_q.in_features:
+            weights.insert(0, self.to_q.weight)
+        key = tuple(w._version for w in weights)
+        if self._fused_cache is None or self._fused_cache[0] != key:
+            self._fused_cache = (key, torch.cat([w.detach() for w in weights]))
+        return self._fused_cache[1]
+
+
+def fuse_qkv_projections(module: nn.Module, fuse: bool = True) -> int:
+    """Compute Q, K and V of every `CrossAttention` in `module` with one GEMM (K and V with one for
+    cross-attention), as diffusers' `fuse_qkv_projections`; `fuse=False` turns it off and frees the
+    fused copies. Returns the number of attention layers changed.
+
+    Inference only: the fused path runs where autograd is off (`torch.no_grad` / `inference_mode`),
+    so training and gradients always use the separate `to_q` / `to_k` / `to_v` parameters, and the
+    state_dict keeps the original keys. The fused weights are a copy (about 6% of an SD UNet's
+    weights), made at the first call and remade whenever a projection weight changes. Inside
+    `torch.compile` the separate projections are traced (see `CrossAttention.forward`).
+    """
+    layers = [m for m in module.modules() if isinstance(m, CrossAttention)]
+    for layer in layers:
+        layer.fused = fuse
+        layer._fused_cache = None
+    return len(layers)
 
 
 class GEGLU(nn.Module):

@@ -11,6 +11,7 @@ from torch import nn
 from autoencoder import AutoencoderKL, InputError
 
 from . import pipeline, samplers
+from .attention import fuse_qkv_projections
 from .config import LDMConfig
 from .schedule import NoiseSchedule
 from .text import build_text_encoder
@@ -42,6 +43,18 @@ class LatentDiffusion(nn.Module):
         super()._apply(fn, recurse)
         self.alphas_cumprod = schedule.to(self.alphas_cumprod.device)
         return self
+
+    def fuse_qkv_projections(self) -> None:
+        """One GEMM for the denoiser's Q, K, V projections at inference (see `ldm.attention.fuse_qkv_projections`)."""
+        if self.denoiser is None:
+            raise InputError("this model has no denoiser, so there is nothing to fuse; load a full latent diffusion checkpoint")
+        if fuse_qkv_projections(self.denoiser) == 0:
+            raise InputError("this model's denoiser has no attention layers to fuse; leave fuse_qkv_projections off")
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to separate Q, K, V projections; frees the fused copies."""
+        if self.denoiser is not None:
+            fuse_qkv_projections(self.denoiser, fuse=False)
 
     @property
     def parameterization(self) -> str:

@@ -490,8 +490,62 @@ def test_compile_without_a_compiler_is_a_clean_error(tiny_ckpt, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_compile_gives_the_same_images(tiny_ckpt, tmp_path):
-    """torch.compile (inductor, a C++ compiler on the CPU): about a minute of compiling."""
+@pytest.mark.parametrize("flags", [["--compile"], ["--compile", "reduce-overhead"], ["--fuse-qkv", "--compile"]])
+def test_compile_gives_the_same_images(tiny_ckpt, tmp_path, flags):
+    """torch.compile (inductor, a C++ compiler on the CPU): about a minute of compiling each. On the
+    CPU reduce-overhead records no CUDA graphs but runs the same wrapper; fused attention layers
+    trace their separate projections."""
     plain = _txt2img_pixels(tiny_ckpt, tmp_path / "plain")
-    compiled = _txt2img_pixels(tiny_ckpt, tmp_path / "compiled", "--compile")
+    compiled = _txt2img_pixels(tiny_ckpt, tmp_path / "compiled", *flags)
     assert np.abs(plain - compiled).max() <= 1
+
+
+def test_fuse_qkv_gives_the_same_images(tiny_ckpt, tmp_path):
+    plain = _txt2img_pixels(tiny_ckpt, tmp_path / "plain")
+    fused = _txt2img_pixels(tiny_ckpt, tmp_path / "fused", "--fuse-qkv")
+    assert np.abs(plain - fused).max() <= 1
+
+
+def _cuda_graph_stand_in(fn, mode):
+    """What a CUDA graph replay does with its output: write it into one static buffer, return that."""
+    assert mode == "reduce-overhead"
+    static: list[torch.Tensor] = []
+
+    def replay(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if not static:
+            static.append(torch.empty_like(out))
+        return static[0].copy_(out)
+
+    return replay
+
+
+def test_compile_reduce_overhead_copies_each_cuda_graph_output(tiny_ckpt, monkeypatch):
+    """--compile reduce-overhead: PLMS without guidance keeps raw past outputs, which a replayed CUDA
+    graph would overwrite; compile_denoiser marks each step and hands back a copy. Here torch.compile
+    is the stand-in above (real CUDA graphs need a GPU), and the test shows the stand-in does corrupt
+    the images when the output is not copied."""
+    from ldm.cli_generate import compile_denoiser
+
+    def load():  # read as an eps model: PLMS then keeps the network's own outputs (v is converted first)
+        model = ldm.load_model(tiny_ckpt)
+        model.config = dataclasses.replace(model.config, parameterization="eps")
+        return model
+
+    def images(model):
+        return np.stack([np.asarray(im, dtype=int) for im in
+                         model.generate("a red circle", steps=4, sampler="plms", guidance_scale=1.0, seed=3)])
+
+    expected = images(load())
+    raw = load()
+    raw.denoiser.forward = _cuda_graph_stand_in(raw.denoiser.forward, "reduce-overhead")
+    assert np.abs(images(raw) - expected).max() > 10  # the stand-in bites
+
+    marks = []
+    monkeypatch.setattr(torch, "compile", _cuda_graph_stand_in)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = load()
+    compile_denoiser(model, "reduce-overhead")
+    keys = list(model.state_dict())
+    assert np.array_equal(images(model), expected)
+    assert len(marks) == 5 and list(model.state_dict()) == keys  # one per call: PLMS makes 2 at its first step

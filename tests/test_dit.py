@@ -156,6 +156,19 @@ def test_attention_backends_agree():
     assert (out - outs["sdpa"]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("width", [None, 64])  # 64: the context as wide as the tokens, so [Wq; Wk; Wv] is sliced
+def test_fused_qkv_gives_the_same_output(width):
+    model = _tiny(**({} if width is None else {"context_dim": width}))
+    x, t, context = _inputs()
+    if width is not None:
+        context = torch.randn(2, 5, width)
+    with torch.no_grad():
+        expected = model(x, t, context)
+        assert attn.fuse_qkv_projections(model) == 2 * len(model.blocks)
+        out = model(x, t, context)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_half_precision_model_keeps_the_input_dtype():
     model = _tiny().to(torch.bfloat16)
     x, t, context = _inputs()

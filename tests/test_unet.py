@@ -305,3 +305,75 @@ def test_small_map_conv_matches_nn_conv2d(kwargs, size, channels_last, monkeypat
     out = layer(x)  # with autograd: always nn.Conv2d's own path
     assert out.requires_grad and len(calls) == int(small)
     assert list(layer.state_dict()) == list(torch.nn.Conv2d(24, 40, **kwargs).state_dict())
+
+
+# --- fused Q/K/V projections ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_heads=-1, num_head_channels=16, use_linear_in_transformer=True)])
+def test_fused_qkv_gives_the_same_output(overrides, monkeypatch):
+    """One GEMM for Q, K, V (self-attention) and one for K, V (cross-attention); state_dict unchanged."""
+    model = _tiny(**overrides)
+    keys = list(model.state_dict())
+    x, t, context = _inputs()
+    with torch.no_grad():
+        expected = model(x, t, context)
+        blocks = sum(isinstance(m, attn.BasicTransformerBlock) for m in model.modules())
+        assert attn.fuse_qkv_projections(model) == 2 * blocks  # attn1 and attn2 of every transformer block
+        gemms = []
+        fused_weight = attn.CrossAttention._fused_weight
+        monkeypatch.setattr(attn.CrossAttention, "_fused_weight", lambda self: gemms.append(1) or fused_weight(self))
+        out = model(x, t, context)
+    assert len(gemms) == 2 * blocks
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    block = model.input_blocks[1][1].transformer_blocks[0]
+    inner = block.attn1.to_q.out_features
+    assert block.attn1._fused_cache[1].shape == (3 * inner, inner)  # [Wq; Wk; Wv]
+    assert block.attn2._fused_cache[1].shape == (2 * inner, 24)  # [Wk; Wv] over the context width
+    attn.fuse_qkv_projections(model, fuse=False)
+    assert block.attn1._fused_cache is None
+    with torch.no_grad():
+        model(x, t, context)
+    assert len(gemms) == 2 * blocks  # unfused: the fused path is not taken
+
+
+def test_fused_qkv_follows_changed_weights_and_devices():
+    """The fused copy is remade after load_state_dict, in-place writes and .to(dtype): it never goes stale."""
+    model, other = _tiny(seed=0), _tiny(seed=3)
+    attn.fuse_qkv_projections(model)
+    x, t, context = _inputs()
+    with torch.no_grad():
+        model(x, t, context)  # fused copies of seed 0's weights
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x, t, context), other(x, t, context), rtol=1e-5, atol=1e-6)
+        model.input_blocks[1][1].transformer_blocks[0].attn1.to_v.weight.mul_(2)
+        other.input_blocks[1][1].transformer_blocks[0].attn1.to_v.weight.mul_(2)
+        torch.testing.assert_close(model(x, t, context), other(x, t, context), rtol=1e-5, atol=1e-6)
+        model.double()
+        out = model(x.double(), t, context.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), other(x, t, context).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_qkv_leaves_training_to_the_separate_projections():
+    """With autograd on, the separate to_q / to_k / to_v run, so their gradients are the unfused ones."""
+    fused, plain = _tiny(), _tiny()
+    attn.fuse_qkv_projections(fused)
+    x, t, context = _inputs()
+    for model in (fused, plain):
+        model(x, t, context).square().mean().backward()
+    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+
+
+def test_fused_qkv_on_a_model_without_attention_is_refused():
+    from helpers import TINY_AE
+    from ldm import LatentDiffusion, LDMConfig
+
+    model = LatentDiffusion(LDMConfig(autoencoder=TINY_AE))
+    with pytest.raises(InputError, match="no denoiser"):
+        model.fuse_qkv_projections()
+    model.denoiser = torch.nn.Conv2d(4, 4, 3, padding=1)
+    with pytest.raises(InputError, match="no attention layers"):
+        model.fuse_qkv_projections()
