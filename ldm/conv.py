@@ -4,8 +4,8 @@ On the CPU, oneDNN's direct convolution runs far below matmul speed when the out
 and the channels many, as at the deepest levels of the SD UNet (1280 channels at 8x8 or 4x4
 latent pixels). There the same convolution as im2col plus one matmul (out = W [C_out, C_in*kh*kw]
 @ unfold(x) + b) is 1.9x (8x8) to 3.5x (4x4) faster at fp32 on 2 cores, and it takes the SD-v1
-UNet step at 32x32 latents from about diffusers' time to 0.76 of it (bench/RESULTS.md, unet_step;
-0.93 at 64x64, where only the 8x8 level benefits). From 16x16 up the direct
+UNet step at 32x32 latents from about diffusers' time to 0.72-0.76 of it (bench/RESULTS.md,
+unet_step; 0.93-0.94 at 64x64, where only the 8x8 level benefits). From 16x16 up the direct
 convolution wins, so only maps of at most `SMALL_MAP_PIXELS` output pixels take the matmul path,
 and only for inference (no autograd: unfold's backward would cost more than it saves). The
 parameters, their names and the state dict are nn.Conv2d's; results agree to float rounding.
