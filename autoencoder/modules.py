@@ -60,11 +60,15 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        # Without autograd, SiLU and the residual add reuse their input's memory, and each step frees
+        # the last: at 2048 px the decoder's maps are GiB-sized, and each copy saved is one of them.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(self.dropout(h))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if inplace and h.dtype == x.dtype else x + h  # (autocast may mix dtypes: x + h promotes)
 
 
 class AttnBlock(nn.Module):
@@ -81,8 +85,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         b, c, height, width = h.shape
-        # (b, 1, hw, c): one head; SDPA's default scale is c ** -0.5, as in the original.
-        q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        # (b, 1, hw, c): one head; SDPA's default scale is c ** -0.5, as in the original. Channels must be
+        # the contiguous dimension: on a strided view SDPA falls back to its math kernel on the CPU, which
+        # holds the whole hw x hw matrix (16 GiB at 2048 px) where the flash kernel holds a block of it.
+        q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3).contiguous()
+                   for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(2, 3).reshape(b, c, height, width)
         return x + self.proj_out(h)
@@ -135,7 +142,7 @@ class Encoder(nn.Module):
             if level != len(self.down) - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -180,7 +187,7 @@ class Decoder(nn.Module):
                     h = up.attn[i](h)
             if level != 0:
                 h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -68,6 +68,42 @@ def test_channels_last_matches_the_original_fixture_too():
     torch.testing.assert_close(decoded, cases["ae_decoded"], atol=1e-4, rtol=0)
 
 
+def test_inference_reuses_memory_and_keeps_the_numbers(tiny_ae_config):
+    """Without autograd the ResnetBlocks run SiLU and the residual add in place: same numbers as with
+    autograd, and the caller's tensors are left as they were."""
+    model = AutoencoderKL(tiny_ae_config).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    kept = images.clone()
+    expected = model.decode(model.encode(images).mean).detach()  # autograd on: the out-of-place path
+    with torch.inference_mode():
+        latents = model.encode(images).mean
+        latents_kept = latents.clone()
+        decoded = model.decode(latents)
+    assert torch.equal(images, kept) and torch.equal(latents, latents_kept)
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mid_block_attention_runs_on_the_flash_kernel(channels_last):
+    """The AttnBlock hands SDPA channels-contiguous q, k, v: on the CPU a strided view falls back to the
+    math kernel, whose hw x hw matrix alone is 16 GiB for a 2048 px decode."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from autoencoder.modules import AttnBlock
+
+    block = AttnBlock(64).eval()
+    x = torch.randn(1, 64, 12, 16)
+    if channels_last:
+        block.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = block(x)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises "No available kernel" on strided q, k, v
+            out = block(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_first_stage_keys_match_sd_manifest(version):
     manifest = json.loads((reference_dir("sd-formats") / f"sd-{version}-keys.json").read_text())
