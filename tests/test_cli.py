@@ -549,3 +549,10 @@ def test_compile_reduce_overhead_copies_each_cuda_graph_output(tiny_ckpt, monkey
     keys = list(model.state_dict())
     assert np.array_equal(images(model), expected)
     assert len(marks) == 5 and list(model.state_dict()) == keys  # one per call: PLMS makes 2 at its first step
+
+
+def test_unknown_compile_mode_is_refused(tiny_model):
+    from ldm.cli_generate import compile_denoiser
+
+    with pytest.raises(ldm.InputError, match="compile mode 'fast' is unknown; choose one of"):
+        compile_denoiser(tiny_model, "fast")
