@@ -116,6 +116,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.fused = False
         self._fused_cache: tuple[tuple, torch.Tensor] | None = None  # (key of the weights it was made from, W)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_fused_cache", None))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # Under torch.compile the traced graph keeps the three projections: the compiler owns kernel
@@ -145,13 +146,14 @@ class CrossAttention(nn.Module):
     def _fused_weight(self) -> torch.Tensor:
         """[Wq; Wk; Wv] (or [Wk; Wv] when Q and K/V read different widths), rebuilt whenever a weight changed.
 
-        A tensor's `_version` counts its in-place writes (optimizer steps, `load_state_dict`, EMA
-        copies), and `_apply` (`.to()`, `.half()`) drops the copy, so it can never go stale.
+        A tensor's `_version` counts its in-place writes (optimizer steps, EMA copies), and
+        `load_state_dict` and `_apply` (`.to()`, `.half()`) drop the copy. Weights made under
+        `torch.inference_mode` keep no version counter; for them only those two are tracked.
         """
         weights = [self.to_k.weight, self.to_v.weight]
         if self.to_k.in_features == self.to_q.in_features:
             weights.insert(0, self.to_q.weight)
-        key = tuple(w._version for w in weights)
+        key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in weights)
         if self._fused_cache is None or self._fused_cache[0] != key:
             self._fused_cache = (key, torch.cat([w.detach() for w in weights]))
         return self._fused_cache[1]
@@ -165,8 +167,9 @@ def fuse_qkv_projections(module: nn.Module, fuse: bool = True) -> int:
     Inference only: the fused path runs where autograd is off (`torch.no_grad` / `inference_mode`),
     so training and gradients always use the separate `to_q` / `to_k` / `to_v` parameters, and the
     state_dict keeps the original keys. The fused weights are a copy (56M values for the SD-v1
-    UNet, 63M for SD-v2: 7% of their weights), made at the first call and remade whenever a projection weight changes. Inside
-    `torch.compile` the separate projections are traced (see `CrossAttention.forward`).
+    UNet, 63M for SD-v2: 7% of their weights), made at the first call and remade whenever a
+    projection weight changes. Inside `torch.compile` the separate projections are traced (see
+    `CrossAttention.forward`).
     """
     layers = [m for m in module.modules() if isinstance(m, CrossAttention)]
     for layer in layers:

@@ -355,6 +355,18 @@ def test_fused_qkv_follows_changed_weights_and_devices():
     torch.testing.assert_close(out.float(), other(x, t, context).detach(), rtol=1e-4, atol=1e-5)
 
 
+def test_fused_qkv_on_weights_made_under_inference_mode():
+    """Inference tensors keep no version counter; load_state_dict still refreshes the fused copy."""
+    with torch.inference_mode():
+        model, other = _tiny(seed=0), _tiny(seed=3)
+    attn.fuse_qkv_projections(model)
+    x, t, context = _inputs()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, t, context), _tiny(seed=0)(x, t, context), rtol=1e-5, atol=1e-6)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x, t, context), other(x, t, context), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_qkv_leaves_training_to_the_separate_projections():
     """With autograd on, the separate to_q / to_k / to_v run, so their gradients are the unfused ones."""
     fused, plain = _tiny(), _tiny()
