@@ -22,9 +22,10 @@ One step: batch 2 (classifier-free guidance), `torch.inference_mode()`, timestep
 (2, 77, 768) for v1 and (2, 77, 1024) for v2; fp32 on the CPU and bf16 on CUDA unless `--dtype`
 says otherwise. Each variant (eager NCHW, fused_qkv, channels_last, compile, cuda_graphs) is
 applied to both models. The first call of each model is the warm-up, and its outputs give the max
-abs difference between the two. Then the median wall time of `--repeats` calls (64x64: `--repeats-64`), the two models'
-calls alternating. FLOPs per step come from `torch.utils.flop_counter.FlopCounterMode` on our
-model (matmuls, convs and SDPA; elementwise ops and norms are not counted). The peak is the median
+abs difference between the two. Then the median wall time of `--repeats` calls (64x64:
+`--repeats-64`), the two models' calls alternating. FLOPs per step come from
+`torch.utils.flop_counter.FlopCounterMode` on our eager model, counted once per size before the
+variants (matmuls, convs and SDPA; elementwise ops and norms are not counted). The peak is the median
 time of a large square `torch.mm` in the same dtype. Writes its section of bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -176,20 +177,36 @@ def main() -> None:
         if (device, dtype) != ("cpu", torch.float32):  # (a no-op .to() would still make diffusers warn)
             ours.to(device, dtype)
             theirs.to(device, dtype)
+        def inputs(size: int):
+            gen = torch.Generator().manual_seed(2)
+            return (torch.randn(2, 4, size, size, generator=gen).to(device, dtype),
+                    torch.tensor([500, 500], device=device),
+                    torch.randn(2, 77, context_dim, generator=gen).to(device, dtype))
+
         gflop: dict[int, float] = {}
+        for size in args.sizes:  # counted on the plain eager model, before any variant fuses or compiles it
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+                ours(*inputs(size))
+            gflop[size] = counter.get_total_flops() / 1e9
         for variant in [v for v in VARIANTS if v in args.variants]:
             setup = [prepare(ours, variant), prepare(theirs, variant)]
             for size in args.sizes:
                 repeats = args.repeats if size < 64 else args.repeats_64
-                gen = torch.Generator().manual_seed(2)
-                x = torch.randn(2, 4, size, size, generator=gen).to(device, dtype)
-                ctx = torch.randn(2, 77, context_dim, generator=gen).to(device, dtype)
-                t = torch.tensor([500, 500], device=device)
+                x, t, ctx = inputs(size)
                 # A CUDA graph replay reuses its output buffers: each call starts a new graph step, and the
                 # warm-up outputs are copied before the other model runs.
-                step = torch.compiler.cudagraph_mark_step_begin if variant == "cuda_graphs" else (lambda: None)
-                call_ours = lambda: (step(), ours(x, t, ctx))[1]  # noqa: E731
-                call_theirs = lambda: (step(), theirs(x, t, encoder_hidden_states=ctx).sample)[1]  # noqa: E731
+                graphs = variant == "cuda_graphs"
+
+                def call_ours():
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    return ours(x, t, ctx)
+
+                def call_theirs():
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    return theirs(x, t, encoder_hidden_states=ctx).sample
+
                 with torch.inference_mode():
                     first = []
                     for fn in (call_ours, call_theirs):
@@ -202,10 +219,6 @@ def main() -> None:
                     diff = (a.float() - b.float()).abs().max().item()
                     scale = a.float().abs().max().item()
                     ours_ms, theirs_ms = timed_pair([call_ours, call_theirs], repeats, device)
-                    if size not in gflop:
-                        with FlopCounterMode(display=False) as counter:
-                            ours(x, t, ctx)
-                        gflop[size] = counter.get_total_flops() / 1e9
                 achieved = gflop[size] / (ours_ms * 1e-3)
                 row = {"layout": f"SD-{name}", "size": size, "variant": variant, "ours": ours_ms, "theirs": theirs_ms,
                        "gflop": gflop[size], "gflops": achieved, "pct": 100 * achieved / peak, "diff": diff,
@@ -249,9 +262,9 @@ Full-size SD-v1 / SD-v2 UNet layouts (860M / 866M parameters), random weights sh
 (CFG), {args.dtype} weights and inputs on {device}, `torch.inference_mode()`, timestep 500, context 77 tokens.
 Variants apply to both models alike: `eager` (NCHW), `fused_qkv` (eager; ours `ldm.attention.fuse_qkv_projections`,
 diffusers `fuse_qkv_projections()`), `channels_last` (`model.to(memory_format=torch.channels_last)`), `compile`
-(channels-last plus `model.compile()`), `cuda_graphs` (channels-last plus `model.compile(mode="reduce-overhead")`). Median of timed calls after one warm-up call ({repeats}); the
-calls of the two models alternate. `ours it/s` is steps per second of a batch-2 (one image with CFG) step.
-GFLOP per step is from `FlopCounterMode` on our model (matmuls, convs, attention; elementwise work not counted).
+(channels-last plus `model.compile()`), `cuda_graphs` (channels-last plus `model.compile(mode="reduce-overhead")`).
+Median of timed calls after one warm-up call ({repeats}); the calls of the two models alternate. `ours it/s` is steps per second of a batch-2 (one image with CFG) step.
+GFLOP per step is from `FlopCounterMode` on our eager model (matmuls, convs, attention; elementwise work not counted).
 Peak: a large square `torch.mm` in {args.dtype} at {peak:.1f} GFLOP/s. Max abs diff is between the two models'
 outputs on the warm-up call (outputs reach about {max(r['scale'] for r in rows):.1f} in absolute value).
 
