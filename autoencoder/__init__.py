@@ -1,7 +1,7 @@
 """The KL-regularized first-stage autoencoder: images <-> latents."""
-from .config import AutoencoderConfig
-from .distributions import DiagonalGaussian
-from .errors import InputError
-from .model import AutoencoderKL
+from autoencoder.config import AutoencoderConfig
+from autoencoder.distributions import DiagonalGaussian
+from common.errors import InputError
+from autoencoder.model import AutoencoderKL
 
 __all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "InputError"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from .errors import InputError
+from common.errors import InputError
 
 # torchvision `vgg16().features` indices of each slice, ending at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -160,7 +160,7 @@ class LPIPS(nn.Module):
 
 def load_state_dict(path: str | os.PathLike, *, what: str) -> dict[str, torch.Tensor]:
     """Read a flat tensor dict from .safetensors or a .pth/.pt file (weights_only: never runs code)."""
-    from ldm.checkpoint import read_checkpoint  # the one safe reader; imported late (ldm builds on autoencoder)
+    from common.checkpoint import read_checkpoint  # the one safe reader; imported late (ldm builds on autoencoder)
 
     path = Path(path)
     if not path.is_file():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from common.errors import InputError
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import AutoencoderConfig
-from .distributions import DiagonalGaussian
-from .errors import InputError
-from .modules import Decoder, Encoder, is_channels_last
-from .tiling import tiled_apply
+from autoencoder.config import AutoencoderConfig
+from autoencoder.distributions import DiagonalGaussian
+from common.errors import InputError
+from autoencoder.modules import Decoder, Encoder, is_channels_last
+from autoencoder.tiling import tiled_apply
 
 
 @dataclass

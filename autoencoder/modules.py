@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AutoencoderConfig
+from autoencoder.config import AutoencoderConfig
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -5,7 +5,7 @@ from typing import Iterable
 
 import torch
 
-from .model import AutoencoderKL
+from autoencoder.model import AutoencoderKL
 
 
 @torch.no_grad()

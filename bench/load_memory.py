@@ -55,9 +55,9 @@ def make_checkpoint(path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from ldm.config import from_original_config
+    from ldm.formats.configs import from_original_config
     from ldm.model import LatentDiffusion
-    from ldm.original_configs import SD_V1
+    from ldm.formats.original_configs import SD_V1
 
     config = json.loads(json.dumps(SD_V1))
     config["model"]["params"].pop("cond_stage_config")

@@ -48,11 +48,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from autoencoder.errors import InputError  # noqa: E402
+from common.errors import InputError  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
-from ldm.diffusion import model_target  # noqa: E402
+from ldm.diffusion.parameterization import model_target  # noqa: E402
 from ldm.samplers import plan, sample  # noqa: E402
-from ldm.schedule import NoiseSchedule  # noqa: E402
+from ldm.diffusion.schedule import NoiseSchedule  # noqa: E402
 
 LATENT_SHAPE = (4, 8, 8)
 STEPS, QUICK_STEPS = (5, 10, 20, 50), (5, 20)

@@ -61,10 +61,10 @@ def run_worker(args) -> dict:
 
     from helpers import write_real_images
     from ldm import diffusion
-    from ldm.config import from_original_config
+    from ldm.formats.configs import from_original_config
     from ldm.model import LatentDiffusion
-    from ldm.original_configs import SD_V1
-    from ldm.training import Trainable
+    from ldm.formats.original_configs import SD_V1
+    from ldm.training.trainable import Trainable
 
     device = torch.device(args.device)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

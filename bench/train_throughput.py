@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "tests"))  # write_real_images: the tests' real-photo crops
 
-from autoencoder.errors import InputError  # noqa: E402
+from common.errors import InputError  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 
 CONFIG = "configs/ldm/tiny.yaml"

@@ -73,9 +73,9 @@ def refill_zero_parameters(module, seed: int = 1) -> None:
 def build_default():
     """(model, description): the embedded default model, or its architecture with random weights."""
     import ldm
-    from ldm.config import read_yaml
-    from ldm.loading import DEFAULT_MODEL
-    from ldm.training import load_model_config
+    from common.config import read_yaml
+    from ldm.formats.loading import DEFAULT_MODEL
+    from ldm.formats.loading import load_model_config
 
     if DEFAULT_MODEL.is_file():
         return ldm.load_model(), "default (trained weights)"
@@ -99,9 +99,9 @@ def build_default():
 
 
 def build_sd1():
-    from ldm.config import from_original_config
+    from ldm.formats.configs import from_original_config
     from ldm.model import LatentDiffusion
-    from ldm.original_configs import SD_V1
+    from ldm.formats.original_configs import SD_V1
 
     config = copy.deepcopy(SD_V1)
     config["model"]["params"]["unet_config"]["params"]["use_checkpoint"] = False
@@ -123,7 +123,7 @@ def run_worker(args) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        from ldm.cli_generate import compile_denoiser
+        from ldm.cli.generate import compile_denoiser
         compile_denoiser(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"[{args.worker}] built in {time.perf_counter() - started:.0f} s: {description}, {params / 1e6:.0f}M parameters",

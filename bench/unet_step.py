@@ -88,7 +88,7 @@ def mm_peak(device: str, dtype: torch.dtype) -> float:
 def prepare(model: torch.nn.Module, variant: str) -> float:
     """Fuse / lay out / compile a model for a variant (variants run in VARIANTS order on the same model);
     returns the seconds it took (compiling happens at the first call)."""
-    from ldm.attention import fuse_qkv_projections
+    from ldm.denoisers.attention import fuse_qkv_projections
 
     start = time.perf_counter()
     fuse = variant == "fused_qkv"
@@ -111,7 +111,7 @@ def build(name: str, original: dict):
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
                                                      create_unet_diffusers_config_from_ldm)
 
-    from ldm.unet import UNetConfig, UNetModel
+    from ldm.denoisers.unet import UNetConfig, UNetModel
 
     original = copy.deepcopy(original)
     params = original["model"]["params"]["unet_config"]["params"]
@@ -164,7 +164,7 @@ def main() -> None:
     import diffusers
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldm.original_configs import SD_V1, SD_V2
+    from ldm.formats.original_configs import SD_V1, SD_V2
 
     started = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -60,7 +60,7 @@ def run_worker(args) -> dict:
     import torch
 
     from autoencoder import AutoencoderConfig, AutoencoderKL
-    from ldm.config import read_yaml
+    from common.config import read_yaml
 
     device, dtype = torch.device(args.device), getattr(torch, DTYPES[args.dtype])
     torch.manual_seed(0)

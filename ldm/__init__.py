@@ -1,11 +1,15 @@
-"""Latent diffusion: the diffusion model over autoencoder latents."""
-from autoencoder.errors import InputError
+"""Latent diffusion: the diffusion model over autoencoder latents.
 
-from . import samplers
-from .config import LDMConfig, load_ldm_config
-from .loading import load_autoencoder, load_model, save_autoencoder, save_model
-from .model import LatentDiffusion
-from .schedule import NoiseSchedule
+    image  -> autoencoder -> latent -> noise (diffusion/) -> denoiser (denoisers/) -> loss (training/)
+    prompt -> text encoder (text/) -> context -> sampler (samplers/) -> decoder -> image (pipeline.py)
+"""
+from common.errors import InputError
+from ldm import pipeline, samplers
+from ldm.config import LDMConfig
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.formats.configs import load_ldm_config
+from ldm.formats.loading import load_autoencoder, load_model, save_autoencoder, save_model
+from ldm.model import LatentDiffusion
 
 __all__ = ["InputError", "LDMConfig", "LatentDiffusion", "NoiseSchedule", "load_autoencoder", "load_ldm_config",
-           "load_model", "samplers", "save_autoencoder", "save_model"]
+           "load_model", "pipeline", "samplers", "save_autoencoder", "save_model"]

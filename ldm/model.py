@@ -1,21 +1,24 @@
 """LatentDiffusion: the autoencoder, the denoiser, the text encoder and the noise schedule, together.
 
 The class only holds the parts and converts between images and scaled latents; the noise process
-and the samplers are separate functions that take it (see STYLE.md).
+and the samplers are separate functions that take it (see STYLE.md). `LatentDiffusion.generate`
+(prompts -> PIL images) is `ldm.pipeline.generate`, attached by that module: the pipeline is a
+layer over the model, and this module never imports it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from autoencoder import AutoencoderKL, InputError
+from autoencoder import AutoencoderKL
+from common.errors import InputError
 
-from . import pipeline, samplers
-from .attention import fuse_qkv_projections
-from .config import LDMConfig
-from .schedule import NoiseSchedule
-from .text import build_text_encoder
-from .unet import build_denoiser
+from ldm import samplers
+from ldm.denoisers.attention import fuse_qkv_projections
+from ldm.config import LDMConfig
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.text import build_text_encoder
+from ldm.denoisers import build_denoiser
 
 
 class LatentDiffusion(nn.Module):
@@ -30,8 +33,9 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         self.config = config
         self.autoencoder = AutoencoderKL(config.autoencoder)
-        self.denoiser: nn.Module | None = build_denoiser(config.denoiser) if config.denoiser else None
-        self.text_encoder: nn.Module | None = build_text_encoder(config.text_encoder) if config.text_encoder else None
+        self.denoiser: nn.Module | None = None if config.denoiser is None else build_denoiser(config.denoiser)
+        self.text_encoder: nn.Module | None = (None if config.text_encoder is None
+                                               else build_text_encoder(config.text_encoder))
         schedule = NoiseSchedule.make(config.beta_schedule, config.timesteps, config.linear_start, config.linear_end,
                                       zero_terminal_snr=config.zero_terminal_snr)
         self._config_schedule = schedule
@@ -61,6 +65,14 @@ class LatentDiffusion(nn.Module):
         return self.config.parameterization
 
     @property
+    def concat_channels(self) -> int:
+        """Input channels of the denoiser beyond the latent's: 0, or 5 for an SD inpainting UNet (mask +
+        masked-image latent), read from the config."""
+        if self.config.denoiser is None:
+            return 0
+        return self.config.denoiser.in_channels - self.config.autoencoder.embed_dim
+
+    @property
     def scale_factor(self) -> float:
         return self.config.autoencoder.scale_factor
 
@@ -77,38 +89,50 @@ class LatentDiffusion(nn.Module):
                sampler: str = "ddim", steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
                generator: torch.Generator | None = None, callback=None, guidance_rescale: float = 0.0,
                init_latent: torch.Tensor | None = None, strength: float = 1.0,
-               keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+               keep_mask: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> torch.Tensor:
         """Sample latents with classifier-free guidance (in the denoiser's latent space, before `/ scale_factor`).
 
         `cond` / `uncond` are text-encoder contexts (B, tokens, dim); `x_T` is the starting noise
-        (B, C, h, w). See `ldm.samplers.sample` for the samplers and for img2img (`init_latent`, `strength`).
+        (B, C, h, w). See `ldm.samplers.sample` for the samplers and for img2img (`init_latent`, `strength`)
+        and inpainting by blending (`keep_mask`). `concat` (B, `concat_channels`, h, w) is joined to x on
+        the channel axis at every denoiser call: the original LDM's `c_concat`, e.g. SD inpainting's mask
+        and masked-image latent.
         """
         if self.denoiser is None:
             raise InputError("this model has no denoiser, so it cannot sample; load a full latent diffusion checkpoint")
         if cond.shape[0] != x_T.shape[0]:
             raise InputError(f"cond has batch {cond.shape[0]} but x_T has batch {x_T.shape[0]}; give one context per sample")
-        model_fn = samplers.guided_model_fn(self.denoiser, cond, uncond, guidance_scale=guidance_scale,
+        given = 0 if concat is None else concat.shape[1]
+        if given != self.concat_channels:
+            raise InputError(f"this denoiser takes {self.concat_channels} extra input channels (concat) but "
+                             f"{given} were given; inpainting models need a mask and an init image")
+        denoiser = self.denoiser
+        if concat is not None:
+            def denoiser(x, t, context):  # under guidance x holds [uncond, cond]: repeat the extra channels
+                extra = concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1)
+                return self.denoiser(torch.cat([x, extra], dim=1), t, context)
+        model_fn = samplers.guided_model_fn(denoiser, cond, uncond, guidance_scale=guidance_scale,
                                             guidance_rescale=guidance_rescale)
         return samplers.sample(model_fn, x_T, self.schedule, sampler=sampler, steps=steps,
                                parameterization=self.parameterization, eta=eta, generator=generator,
                                callback=callback, init_latent=init_latent, strength=strength, keep_mask=keep_mask)
 
-    def generate(self, prompts: str | list[str], *, negative_prompt: str | None = None, height: int | None = None,
-                 width: int | None = None, steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5,
-                 eta: float = 0.0, seed: int | None = None, n_samples: int = 1, init_image=None,
-                 strength: float = 0.75, mask=None, callback=None, batch_size: int = 4) -> list:
-        """Prompts -> list of PIL images (text-to-image, image-to-image, inpainting); see `ldm.pipeline.generate`."""
-        return pipeline.generate(self, prompts, negative_prompt=negative_prompt, height=height, width=width,
-                                 steps=steps, sampler=sampler, guidance_scale=guidance_scale, eta=eta, seed=seed,
-                                 n_samples=n_samples, init_image=init_image, strength=strength, mask=mask,
-                                 callback=callback, batch_size=batch_size)
-
     def encode_images(self, images: torch.Tensor, *, sample: bool = True,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> diffusion latents `z = scale_factor * posterior.sample()` (LDM sec. 3)."""
         posterior = self.autoencoder.encode(images)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return self.scale_factor * z
+        if not sample:
+            return self.scale_factor * posterior.mode()
+        return self.latents_from_posterior(posterior.mean, posterior.std, generator=generator)
+
+    def latents_from_posterior(self, mean: torch.Tensor, std: torch.Tensor, *,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Diffusion latents from the moments of q(z | x): `scale_factor * (mean + std * eps)`, eps ~ N(0, I).
+
+        `encode_images` and training on cached moments (`tools/encode_latents.py`) both sample here.
+        """
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.scale_factor * (mean + std * eps)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> images in about [-1, 1]: `decode(z / scale_factor)`."""

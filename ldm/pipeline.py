@@ -5,44 +5,21 @@
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from autoencoder.errors import InputError
+from common.errors import InputError
+from ldm.images import image_to_tensor, mask_to_tensor, to_uint8
+from ldm.model import LatentDiffusion
 
-if TYPE_CHECKING:
-    from .model import LatentDiffusion
 
 MAX_SEED = 2 ** 32 - 1
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C): (x / 2 + 0.5).clamp(0, 1) * 255, rounded (as diffusers)."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) float32 in [-1, 1] (alpha composited on white)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
-
-
-def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
-    """Mask image (white = repaint, black = keep) -> (1, 1, H, W) float in {0, 1}, 1 = repaint."""
-    array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
-
-
-def native_size(model: "LatentDiffusion") -> int:
+def native_size(model: LatentDiffusion) -> int:
     """The model's native image size in pixels: its latent size (config.image_size) times f."""
     latent = model.config.image_size or model.config.autoencoder.resolution // model.autoencoder.downsampling_factor
     return latent * model.autoencoder.downsampling_factor
@@ -55,14 +32,14 @@ def check_size(height: int, width: int, factor: int) -> None:
             raise InputError(f"{name} {value} is not a multiple of {factor}; use {lower} or {upper}")
 
 
-def _encode_prompts(model: "LatentDiffusion", prompts: list[str]) -> torch.Tensor:
+def _encode_prompts(model: LatentDiffusion, prompts: list[str]) -> torch.Tensor:
     if model.text_encoder is None:
         raise InputError("this model has no text encoder, so it cannot take prompts; load a full text-to-image model")
     return model.text_encoder.encode(prompts).to(model.alphas_cumprod.device)
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (images out, nothing to differentiate)
-def generate(model: "LatentDiffusion", prompts: str | Sequence[str], *, negative_prompt: str | None = None,
+def generate(model: LatentDiffusion, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
              height: int | None = None, width: int | None = None, steps: int = 50, sampler: str = "ddim",
              guidance_scale: float = 7.5, eta: float = 0.0, seed: int | None = None, n_samples: int = 1,
              init_image: Image.Image | None = None, strength: float = 0.75, mask: Image.Image | None = None,
@@ -159,27 +136,14 @@ def _sample_batch(model, batch, uncond_text, init, latent_h, latent_w, *, steps,
     if repaint is None:
         return model.sample(cond, uncond, x_T=x_T, init_latent=init_latent, strength=strength, **kwargs)
     latent_repaint = F.interpolate(repaint, size=(latent_h, latent_w), mode="nearest").to(dtype)
-    if _is_inpainting_unet(model):
-        return _sample_inpainting_unet(model, cond, uncond, x_T, pixels, repaint, latent_repaint,
-                                       dict(kwargs, init_latent=init_latent, strength=strength))
+    if model.concat_channels:  # SD inpainting UNet: cat([x, mask, latent of the masked image]) at each step
+        concat = torch.cat([latent_repaint.expand(len(batch), -1, -1, -1),
+                            model.encode_images(pixels * (1 - repaint), sample=False)], dim=1)
+        return model.sample(cond, uncond, x_T=x_T, init_latent=init_latent, strength=strength, concat=concat,
+                            **kwargs)
     return model.sample(cond, uncond, x_T=x_T, init_latent=init_latent, strength=strength,
                         keep_mask=1 - latent_repaint, **kwargs)
 
 
-def _is_inpainting_unet(model) -> bool:
-    first = getattr(model.denoiser, "input_blocks", None)
-    return first is not None and first[0][0].weight.shape[1] == model.config.autoencoder.embed_dim + 5
-
-
-def _sample_inpainting_unet(model, cond, uncond, x_T, pixels, repaint, latent_repaint, kwargs) -> torch.Tensor:
-    """SD inpainting UNet: input cat([x, mask, latent of the masked image]) (1 + 4 extra channels)."""
-    from . import samplers
-
-    extra = torch.cat([latent_repaint.expand(x_T.shape[0], -1, -1, -1),
-                       model.encode_images(pixels * (1 - repaint), sample=False)], dim=1)
-
-    def denoiser(x, t, context):  # under guidance x holds [uncond, cond]: repeat the extra channels
-        return model.denoiser(torch.cat([x, extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)], dim=1), t, context)
-
-    model_fn = samplers.guided_model_fn(denoiser, cond, uncond, guidance_scale=kwargs.pop("guidance_scale"))
-    return samplers.sample(model_fn, x_T, model.schedule, parameterization=model.parameterization, **kwargs)
+# The model's method: `LatentDiffusion.generate(prompts, ...)` is this function (the model never imports it).
+LatentDiffusion.generate = generate

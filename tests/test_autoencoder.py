@@ -9,8 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 import ldm
-from autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, InputError
-from ldm.config import from_original_config
+from autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from common.errors import InputError
+from ldm.formats.configs import from_original_config
 
 from helpers import REPO, reference_dir
 

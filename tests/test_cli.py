@@ -22,7 +22,7 @@ from PIL import Image
 import ldm
 from helpers import REPO, TINY_AE, reference_dir, write_real_images
 from ldm.cli import run_cli
-from ldm.pipeline import image_to_tensor, to_uint8
+from ldm.images import image_to_tensor, to_uint8
 
 UNET = {"type": "unet", "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
         "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16, "context_dim": 64,
@@ -525,7 +525,7 @@ def test_compile_reduce_overhead_copies_each_cuda_graph_output(tiny_ckpt, monkey
     graph would overwrite; compile_denoiser marks each step and hands back a copy. Here torch.compile
     is the stand-in above (real CUDA graphs need a GPU), and the test shows the stand-in does corrupt
     the images when the output is not copied."""
-    from ldm.cli_generate import compile_denoiser
+    from ldm.cli.generate import compile_denoiser
 
     def load():  # read as an eps model: PLMS then keeps the network's own outputs (v is converted first)
         model = ldm.load_model(tiny_ckpt)
@@ -552,7 +552,7 @@ def test_compile_reduce_overhead_copies_each_cuda_graph_output(tiny_ckpt, monkey
 
 
 def test_unknown_compile_mode_is_refused(tiny_model):
-    from ldm.cli_generate import compile_denoiser
+    from ldm.cli.generate import compile_denoiser
 
     with pytest.raises(ldm.InputError, match="compile mode 'fast' is unknown; choose one of"):
         compile_denoiser(tiny_model, "fast")

@@ -15,14 +15,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from autoencoder.errors import InputError
-from ldm.data import (
-    ImageFolder,
-    WebDatasetImages,
-    build_image_dataset,
-    image_transform,
-    split_held_out,
-)
+from common.errors import InputError
+from ldm.data.images import ImageFolder, WebDatasetImages, build_image_dataset, image_transform, split_held_out
 
 SIZE = 16
 

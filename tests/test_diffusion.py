@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autoencoder import InputError
-from ldm.diffusion import (diffusion_loss, min_snr_weight, model_target, predict_eps, predict_x0, q_posterior,
-                           q_sample)
-from ldm.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
+from common.errors import InputError
+from ldm.diffusion.loss import diffusion_loss, min_snr_weight
+from ldm.diffusion.parameterization import model_target, predict_eps, predict_x0
+from ldm.diffusion.process import q_posterior, q_sample
+from ldm.diffusion.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
 
 from helpers import reference_dir
 

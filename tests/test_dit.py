@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder.errors import InputError
-from ldm import attention as attn
+from common.errors import InputError
+from ldm.denoisers import attention as attn
 from ldm import samplers
-from ldm.diffusion import diffusion_loss
-from ldm.dit import DIT_SIZES, DiT, DiTConfig, sincos_2d_position_embedding
-from ldm.schedule import NoiseSchedule
-from ldm.unet import build_denoiser
+from ldm.diffusion.loss import diffusion_loss
+from ldm.denoisers.dit import DIT_SIZES, DiT, DiTConfig, sincos_2d_position_embedding
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.denoisers import build_denoiser
 
 CONTEXT_DIM = 16
 

@@ -79,7 +79,7 @@ def test_a_prompt_blind_model_scores_only_its_one_caption():
 
 def test_too_many_captions_is_a_clear_error():
     images, captions = _training_set()
-    from autoencoder.errors import InputError
+    from common.errors import InputError
     with pytest.raises(InputError, match="only 4 distinct captions"):
         evaluate(_Blind(), images, captions, captions=10, seeds=1, scales=[1.0], steps=2, sampler="ddim",
                  feature_size=4, seed=0)

@@ -10,8 +10,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import ldm
-from autoencoder import AutoencoderKL, InputError
-from ldm.checkpoint import read_checkpoint, save_checkpoint
+from autoencoder import AutoencoderKL
+from common.errors import InputError
+from common.checkpoint import read_checkpoint, save_checkpoint
 
 from helpers import REPO, TINY_AE, reference_dir
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from autoencoder import AutoencoderConfig, AutoencoderKL, InputError
+from autoencoder import AutoencoderConfig, AutoencoderKL
+from common.errors import InputError
 from autoencoder.losses import (AutoencoderLoss, LossConfig, NLayerDiscriminator, adopt_weight, hinge_d_loss,
                                 vanilla_d_loss)
 from autoencoder.lpips import LPIPS

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from autoencoder import InputError
+from common.errors import InputError
 from autoencoder.lpips import LPIPS
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoencoder import InputError
+from common.errors import InputError
 from autoencoder.metrics import psnr, ssim
 
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import ldm
-from autoencoder import InputError
+from common.errors import InputError
 from ldm import samplers
-from ldm.diffusion import model_target
+from ldm.diffusion.parameterization import model_target
 from ldm.samplers.ddim import _alphas, ddim_sigmas
 from ldm.samplers.discretization import ddim_timesteps
-from ldm.schedule import NoiseSchedule, make_betas
+from ldm.diffusion.schedule import NoiseSchedule, make_betas
 
 from helpers import TINY_AE
 
@@ -252,7 +252,7 @@ def test_ddim_matches_the_original_ddimsampler_on_tiny_sd2():
 
 def _original_plms(model, x, alphas_cumprod, S, parameterization):
     """A line-by-line transcription of the original SD PLMSSampler loop (ldm/models/diffusion/plms.py)."""
-    from ldm.diffusion import predict_eps
+    from ldm.diffusion.parameterization import predict_eps
 
     ddim_timesteps = torch.arange(0, 1000, 1000 // S) + 1
     alphas = alphas_cumprod[ddim_timesteps]

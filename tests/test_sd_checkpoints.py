@@ -10,9 +10,9 @@ import torch
 import yaml
 
 import ldm
-from autoencoder import InputError
-from ldm.config import from_original_config
-from ldm.original_configs import SD_V1, SD_V2, infer_original_config
+from common.errors import InputError
+from ldm.formats.configs import from_original_config
+from ldm.formats.original_configs import SD_V1, SD_V2, infer_original_config
 
 from helpers import reference_dir
 
@@ -49,7 +49,7 @@ def test_config_recognised_from_keys_builds_the_manifest_layout(version, templat
     # The text encoder: SD 2.x names as they are; SD 1.x in Hugging Face layout, mapped for writing.
     text = {k: v for k, v in model.state_dict().items() if k.startswith("text_encoder.")}
     if version == "v1":
-        from ldm.text import open_clip_to_hf_clip
+        from ldm.text.keymaps import open_clip_to_hf_clip
         text = {"text_encoder." + k: v for k, v in open_clip_to_hf_clip({k[len("text_encoder."):]: v for k, v in text.items()}).items()}
     expected = [(k, v) for k, v in keys.items() if k.startswith("cond_stage_model.")]
     assert [("cond_stage_model." + k[len("text_encoder."):], list(v.shape)) for k, v in text.items()] == expected

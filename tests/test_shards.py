@@ -19,9 +19,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 from helpers import REPO, write_real_images
-from ldm.caption_data import WebDatasetCaptions, caption_dataset, collate_latents, latent_dataset
+from ldm.data.captions import WebDatasetCaptions, caption_dataset, collate_latents, latent_dataset
 from ldm.cli import run_cli
 
 SCRIPT = REPO / "tools" / "make_shards.py"

@@ -10,10 +10,12 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import save_file
 
-from autoencoder.errors import InputError
-from ldm.checkpoint import load_state_dict_checked, save_checkpoint
-from ldm.text import (OpenCLIPTextEncoder, SmallTextEncoder, TextEncoderConfig, build_text_encoder,
-                      hf_clip_to_open_clip, load_open_clip_weights, open_clip_to_hf_clip, tokenize)
+from common.errors import InputError
+from common.checkpoint import load_state_dict_checked, save_checkpoint
+from ldm.text.encoders import OpenCLIPTextEncoder, SmallTextEncoder
+from ldm.text import TextEncoderConfig, build_text_encoder
+from ldm.text.keymaps import hf_clip_to_open_clip, load_open_clip_weights, open_clip_to_hf_clip
+from ldm.text.tokenizer import tokenize
 
 from helpers import reference_dir
 
@@ -56,7 +58,7 @@ def _text_state(clip: CLIP) -> dict[str, torch.Tensor]:
 def test_sd2_open_clip_keys_equal_the_manifest():
     reference, data = _manifest("sd-v2-keys.json")
     with torch.device("meta"):
-        encoder = build_text_encoder({"original": V2_COND})
+        encoder = build_text_encoder(TextEncoderConfig.from_original(V2_COND))
     assert _shapes(encoder.state_dict()) == list(reference.items())   # names, order and shapes
     assert sum(p.numel() for p in encoder.parameters()) == data["param_counts"]["cond_stage_model"]["parameters"]
     assert encoder.layer == "penultimate" and encoder.pad_token_id == 0 and encoder.width == 1024
@@ -68,7 +70,7 @@ def test_sd1_hf_keys_map_to_our_module_and_back():
     hf = {k: torch.empty(shape, device="meta", dtype=torch.int64 if k.endswith("position_ids") else torch.float32)
           for k, shape in reference.items()}
     with torch.device("meta"):
-        encoder = build_text_encoder({"original": V1_COND})
+        encoder = build_text_encoder(TextEncoderConfig.from_original(V1_COND))
     ours = encoder.state_dict()
     assert _shapes(hf_clip_to_open_clip(hf)) == _shapes(ours)
     assert _shapes(open_clip_to_hf_clip(ours)) == list(reference.items())   # transformers 4.19 order
@@ -141,7 +143,7 @@ def test_equals_hf_clip_text_model():
 
 def test_tokenizer_equals_hf_clip_tokenizer_with_eot_padding():
     transformers = pytest.importorskip("transformers")
-    from ldm.text import _bpe
+    from ldm.text.tokenizer import _bpe
     bpe = _bpe()   # build an HF CLIPTokenizer from open_clip's own vocabulary and merges (no download)
     special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {special.get(k, k): i for k, i in bpe.encoder.items()}

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 import ldm
-from ldm.run_checkpoints import latest_checkpoint, list_checkpoints
+from ldm.training.checkpoints import latest_checkpoint, list_checkpoints
 
 from helpers import REPO, write_real_images
 
@@ -114,8 +114,8 @@ def test_sigkill_then_resume(shards, tmp_path):
 
 def test_latent_caching_gives_the_same_loss(shards, tmp_path):
     """The same batch, the same RNG state: cached mean/std reproduce the on-the-fly encoding's loss."""
-    from ldm.caption_data import WebDatasetCaptions, WebDatasetLatents
-    from ldm.diffusion import diffusion_loss
+    from ldm.data.captions import WebDatasetCaptions, WebDatasetLatents
+    from ldm.diffusion.loss import diffusion_loss
 
     out = tmp_path / "latents"
     result = subprocess.run([sys.executable, "tools/encode_latents.py", "--config", "configs/ldm/tiny.yaml", "--data",

@@ -11,9 +11,9 @@ from torch import nn
 import ldm
 from autoencoder import AutoencoderKL
 from autoencoder.scale_factor import estimate_scale_factor
-from ldm.data_order import ResumableBatchSampler, SeededItems
-from ldm.ema import EMA
-from ldm.run_checkpoints import latest_checkpoint, list_checkpoints, write_checkpoint_dir
+from ldm.data.order import ResumableBatchSampler, SeededItems
+from ldm.training.ema import EMA
+from ldm.training.checkpoints import latest_checkpoint, list_checkpoints, write_checkpoint_dir
 
 from helpers import REPO, TINY_AE
 

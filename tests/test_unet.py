@@ -10,10 +10,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from autoencoder.errors import InputError
-from ldm import attention as attn
-from ldm.checkpoint import load_state_dict_checked, strip_prefix
-from ldm.unet import UNetConfig, UNetModel, build_denoiser, timestep_embedding
+from common.errors import InputError
+from ldm.denoisers import attention as attn
+from common.checkpoint import load_state_dict_checked, strip_prefix
+from ldm.denoisers.unet import UNetConfig, UNetModel
+from ldm.denoisers import build_denoiser
+from ldm.formats.configs import original_unet_config
+from ldm.denoisers.embeddings import timestep_embedding
 
 from helpers import reference_dir
 
@@ -227,8 +230,8 @@ def test_config_round_trips_and_builds():
     config = UNetConfig.from_original(TINY_V1)
     assert UNetConfig.from_dict(config.to_dict()) == config
     ours = build_denoiser({"type": "unet", **config.to_dict()})
-    original = build_denoiser({"original": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                                            "params": TINY_V1}})
+    original = build_denoiser(original_unet_config({"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                                                    "params": TINY_V1}))
     assert ours.config == original.config == config
 
 
@@ -252,7 +255,7 @@ def test_bad_original_configs_are_refused(params, message):
 
 def test_bad_denoiser_configs_and_inputs_are_refused():
     with pytest.raises(InputError, match="not supported"):
-        build_denoiser({"original": {"target": "ldm.modules.diffusionmodules.openaimodel.EncoderUNetModel"}})
+        original_unet_config({"target": "ldm.modules.diffusionmodules.openaimodel.EncoderUNetModel"})
     with pytest.raises(InputError, match="unknown"):
         build_denoiser({"type": "dit"})
     with pytest.raises(InputError, match="unknown keys"):
@@ -288,7 +291,7 @@ def test_channels_last_model_gives_the_same_output(overrides):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_small_map_conv_matches_nn_conv2d(kwargs, size, channels_last, monkeypatch):
     """ldm.conv.Conv2d: maps of <= 8x8 output pixels go through im2col + matmul on the CPU without autograd."""
-    from ldm import conv
+    from ldm.denoisers import conv
 
     layer = conv.Conv2d(24, 40, **kwargs)
     if channels_last:

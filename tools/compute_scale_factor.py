@@ -14,12 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from autoencoder import InputError
+from common.errors import InputError
 from autoencoder.scale_factor import estimate_scale_factor
-from ldm.checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from common.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from ldm.cli import pick_device, run_cli
-from ldm.data import build_image_dataset
-from ldm.loading import load_autoencoder
+from ldm.data.images import build_image_dataset
+from ldm.formats.loading import load_autoencoder
 
 
 def main() -> None:

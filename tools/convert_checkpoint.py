@@ -18,9 +18,9 @@ from pathlib import Path
 import yaml
 
 import ldm
-from ldm.checkpoint import save_checkpoint
+from common.checkpoint import save_checkpoint
 from ldm.cli import run_cli
-from ldm.original_configs import to_original_config, to_original_state_dict
+from ldm.formats.original_configs import to_original_config, to_original_state_dict
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from autoencoder.errors import InputError
-from ldm.caption_data import WebDatasetCaptions
+from common.errors import InputError
+from ldm.data.captions import WebDatasetCaptions
 from ldm.cli import apply_overrides, pick_device, run_cli
-from ldm.config import read_yaml
+from common.config import read_yaml
 from ldm.model import LatentDiffusion
-from ldm.training import load_model_config
+from ldm.formats.loading import load_model_config
 
 
 def build_model(config_path: str, overrides: list[str], device: torch.device) -> tuple[LatentDiffusion, dict]:

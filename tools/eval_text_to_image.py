@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import ldm
-from autoencoder.errors import InputError
-from ldm.caption_data import WebDatasetCaptions
+from common.errors import InputError
+from ldm.data.captions import WebDatasetCaptions
 from ldm.cli import run_cli
 from ldm.pipeline import native_size
 

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm import InputError
 from ldm.cli import run_cli
-from ldm.cli_generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
+from ldm.cli.generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
 
 
 def open_image(path: str, what: str) -> Image.Image:

@@ -39,9 +39,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 from ldm.cli import run_cli
-from ldm.data import list_images, open_image, to_rgb
+from ldm.data.images import list_images, open_image, to_rgb
 
 SKIP_REASONS = ("missing file", "missing caption", "unreadable caption", "unreadable image")
 MAX_EXAMPLES = 20  # skipped inputs named in summary.json; the counts are complete

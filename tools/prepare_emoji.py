@@ -27,9 +27,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 from ldm.cli import run_cli
-from ldm.data import to_rgb
+from ldm.data.images import to_rgb
 
 PACKAGES = ("emoji-datasource", "emoji-datasource-twitter", "emoji-datasource-google")
 LICENSES = {"twitter": "Twemoji by Twitter, CC-BY 4.0", "google": "Noto Emoji by Google, Apache 2.0"}

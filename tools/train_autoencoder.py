@@ -25,19 +25,20 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from autoencoder import AutoencoderConfig, AutoencoderKL, InputError
-from autoencoder.config import check_keys, coerce_numbers
+from autoencoder import AutoencoderConfig, AutoencoderKL
+from common.errors import InputError
+from common.config import check_keys, coerce_numbers
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.metrics import psnr, ssim
-from ldm.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
+from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
 from ldm.cli import apply_overrides, autocast_dtype, pick_device, run_cli
-from ldm.config import read_yaml
-from ldm.data import ImageFolder, build_image_dataset, split_held_out
-from ldm.data_order import ResumableBatchSampler, SeededItems
-from ldm.ema import EMA
-from ldm.loading import save_autoencoder
-from ldm.metrics_log import MetricsLog
-from ldm.run_checkpoints import latest_checkpoint, write_checkpoint_dir
+from common.config import read_yaml
+from ldm.data.images import ImageFolder, build_image_dataset, split_held_out
+from ldm.data.order import ResumableBatchSampler, SeededItems
+from ldm.training.ema import EMA
+from ldm.formats.loading import save_autoencoder
+from ldm.training.metrics_log import MetricsLog
+from ldm.training.checkpoints import latest_checkpoint, write_checkpoint_dir
 
 
 @dataclass

@@ -24,18 +24,21 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 from ldm import diffusion
 from ldm.cli import apply_overrides, autocast_dtype, run_cli
-from ldm.cli_generate import make_grid
-from ldm.config import read_yaml
-from ldm.ema import EMA
-from ldm.metrics_log import MetricsLog, TensorBoardLog
+from ldm.images import make_grid
+from common.config import read_yaml
+from ldm.training.ema import EMA
+from ldm.training.metrics_log import MetricsLog, TensorBoardLog
 from ldm.model import LatentDiffusion
-from ldm.run_checkpoints import latest_checkpoint
-from ldm.training import (TrainConfig, Trainable, all_reduce_mean, cleanup_distributed, export_ema, load_model_config,
-                          lr_at, restore_training_checkpoint, setup_distributed, state_of, timestep_buckets,
-                          write_training_checkpoint)
+from ldm.training.checkpoints import latest_checkpoint
+from ldm.training.config import TrainConfig, lr_at
+from ldm.training.trainable import Trainable
+from ldm.training.distributed import all_reduce_mean, cleanup_distributed, setup_distributed, state_of
+from ldm.training.checkpoints import export_ema, restore_training_checkpoint, write_training_checkpoint
+from ldm.formats.loading import load_model_config
+from ldm.training.metrics_log import timestep_buckets
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,7 +60,7 @@ def batches(args, cfg: TrainConfig, rank: int, step: int, uncond_context: torch.
     Cached contexts of dropped captions are filled with `uncond_context`, the frozen encoder's output for ""."""
     from torch.utils.data import DataLoader
 
-    from ldm.caption_data import WebDatasetCaptions, WebDatasetLatents, collate_latents
+    from ldm.data.captions import WebDatasetCaptions, WebDatasetLatents, collate_latents
 
     seed = cfg.seed + 1000 * step  # a resumed run reshuffles rather than replaying the first batches
     if args.latents:

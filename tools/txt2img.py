@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ldm.cli import run_cli
-from ldm.cli_generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
+from ldm.cli.generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
 
 
 def main() -> None:

@@ -11,17 +11,16 @@ from typing import Callable
 
 import torch
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 
-from ..diffusion import ModelFn, check_parameterization
-from ..schedule import NoiseSchedule
-from .ddim import sample_ddim, sample_plms
-from .ddpm import sample_ddpm
-from .discretization import (ddim_timesteps, dpm_solver_timesteps, karras_sigmas, leading_timesteps,
-                             sigma_to_t)
-from .guidance import guided_model_fn
-from .noise import Generators, randn_like
-from .k_samplers import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
+from ldm.diffusion.parameterization import ModelFn, check_parameterization
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.samplers.ddim import sample_ddim, sample_plms
+from ldm.samplers.ddpm import sample_ddpm
+from ldm.samplers.discretization import ddim_timesteps, dpm_solver_timesteps, karras_sigmas, leading_timesteps, sigma_to_t
+from ldm.samplers.guidance import guided_model_fn
+from ldm.samplers.noise import Generators, randn_like
+from ldm.samplers.k_samplers import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
 
 # name -> (function, works in sigma space)
 SAMPLERS: dict[str, tuple[Callable, bool]] = {

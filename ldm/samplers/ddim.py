@@ -5,9 +5,9 @@ from typing import Callable
 
 import torch
 
-from ..diffusion import ModelFn, predict_eps, predict_x0
-from ..schedule import NoiseSchedule
-from .noise import Generators, randn_like
+from ldm.diffusion.parameterization import ModelFn, predict_eps, predict_x0
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.samplers.noise import Generators, randn_like
 
 Callback = Callable[[dict], None] | None
 Blend = Callable[[torch.Tensor, int], torch.Tensor] | None  # (x, step index) -> x, before the model call

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import ModelFn, predict_x0
-from ..schedule import NoiseSchedule
-from .ddim import Blend, Callback
-from .noise import Generators, randn_like
+from ldm.diffusion.parameterization import ModelFn, predict_x0
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.samplers.ddim import Blend, Callback
+from ldm.samplers.noise import Generators, randn_like
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule
 
 
 def ddim_timesteps(num_train: int, steps: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, context) -> output
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import ModelFn, predict_x0
-from .ddim import Blend, Callback
-from .noise import Generators, randn_like
+from ldm.diffusion.parameterization import ModelFn, predict_x0
+from ldm.samplers.ddim import Blend, Callback
+from ldm.samplers.noise import Generators, randn_like
 
 
 class _Denoiser:

@@ -16,13 +16,14 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 
-from . import samplers
-from .attention import BACKENDS, set_attention_backend
-from .cli import autocast_dtype, pick_device
-from .loading import DEFAULT_MODEL, load_model
-from .model import LatentDiffusion
+from ldm import samplers
+from ldm.denoisers.attention import BACKENDS, set_attention_backend
+from ldm.cli import autocast_dtype, pick_device
+from ldm.formats.loading import DEFAULT_MODEL, load_model
+from ldm.model import LatentDiffusion
+from ldm.images import make_grid
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 
@@ -210,10 +211,3 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
     return written
 
 
-def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for k, image in enumerate(images):
-        grid.paste(image, ((k % columns) * width, (k // columns) * height))
-    return grid

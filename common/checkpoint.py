@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 
 FORMAT = "ldm-kit/1"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

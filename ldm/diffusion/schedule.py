@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 

@@ -10,16 +10,17 @@ from typing import Any
 import torch
 
 from autoencoder import AutoencoderConfig, AutoencoderKL
-from autoencoder.errors import InputError
+from common.errors import InputError
 
-from .checkpoint import (FORMAT, empty_parameters, load_state_dict_checked, read_checkpoint, save_checkpoint,
-                         strip_prefix)
-from .config import LDMConfig, from_original_config, load_ldm_config, read_yaml
-from .model import LatentDiffusion
-from .original_configs import infer_original_config
-from .text import hf_clip_to_open_clip
+from common.checkpoint import FORMAT, empty_parameters, load_state_dict_checked, read_checkpoint, save_checkpoint, strip_prefix
+from ldm.config import LDMConfig
+from ldm.formats.configs import from_original_config, ldm_config_from_dict, load_ldm_config
+from common.config import read_yaml
+from ldm.model import LatentDiffusion
+from ldm.formats.original_configs import infer_original_config
+from ldm.text.keymaps import hf_clip_to_open_clip
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.safetensors"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"  # ldm/weights/
 
 # Original-format keys that carry no weights we use (training-time state, EMA bookkeeping, the
 # schedule tables we recompute from alphas_cumprod).
@@ -94,7 +95,7 @@ def _config_from_metadata(metadata: dict[str, str]) -> LDMConfig:
     config = json.loads(metadata["config"])
     if metadata.get("kind") == "autoencoder":
         return LDMConfig(autoencoder=AutoencoderConfig.from_dict(config))
-    return LDMConfig.from_dict(config)
+    return ldm_config_from_dict(config)
 
 
 def _config_for(config: Any, tensors: dict[str, torch.Tensor]) -> LDMConfig:
@@ -159,3 +160,18 @@ def load_autoencoder(path: str | Path, config: Any = None, device: str | torch.d
                      dtype: torch.dtype | None = None) -> AutoencoderKL:
     """The `AutoencoderKL` of any checkpoint `load_model` reads."""
     return load_model(path, config=config, device=device, dtype=dtype).autoencoder
+
+
+def load_model_config(raw: dict[str, Any]):
+    """`model:` section -> (LDMConfig, frozen autoencoder state dict or None)."""
+    section = dict(raw)
+    ae_state = None
+    ae_ckpt = section.pop("autoencoder_ckpt", None)
+    diffusion = dict(section.pop("diffusion", None) or {})
+    if ae_ckpt:
+        autoencoder = load_autoencoder(ae_ckpt)
+        section["autoencoder"] = autoencoder.config.to_dict()
+        ae_state = autoencoder.state_dict()
+    elif "autoencoder" not in section:
+        raise InputError("model config: give autoencoder_ckpt (a trained autoencoder) or an autoencoder section")
+    return ldm_config_from_dict({**section, **diffusion}), ae_state

@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode, RandomCrop
 from torchvision.transforms import functional as TF
 from webdataset.shardlists import expand_urls
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # webdataset keys are extensions, lower-cased

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+import torch
 
 
 class MetricsLog:
@@ -56,3 +57,13 @@ class TensorBoardLog:
     def close(self) -> None:
         self.writer.close()
 
+
+def timestep_buckets(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int, buckets: int = 4) -> dict[str, float]:
+    """Mean loss per timestep range (t in [0, T/4), [T/4, T/2), ...), for the log."""
+    out = {}
+    edges = torch.linspace(0, num_timesteps, buckets + 1)
+    for i in range(buckets):
+        sel = (t >= edges[i]) & (t < edges[i + 1])
+        if sel.any():
+            out[f"loss_t{int(edges[i])}-{int(edges[i + 1]) - 1}"] = losses[sel].mean().item()
+    return out

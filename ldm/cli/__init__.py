@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from autoencoder.errors import InputError
+from common.errors import InputError
 from autoencoder.modules import is_channels_last
 
-from .conv import Conv2d
+from ldm.denoisers.conv import Conv2d
 
 BACKENDS = ("sdpa", "xformers", "math")
 _backend = "sdpa"

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from autoencoder.config import coerce_numbers
-from autoencoder.errors import InputError
+from common.config import coerce_numbers
+from common.errors import InputError
 
-from .attention import CrossAttention
-from .unet import timestep_embedding
+from ldm.denoisers.attention import CrossAttention
+from ldm.denoisers.embeddings import timestep_embedding
 
 FREQUENCY_DIM = 256  # width of the sinusoidal timestep features fed to the MLP, as DiT's TimestepEmbedder
 

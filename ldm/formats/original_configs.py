@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from autoencoder.errors import InputError
+from common.errors import InputError
+from ldm.denoisers.unet import UNetConfig
+from ldm.text.keymaps import open_clip_to_hf_clip
 
 _FIRST_STAGE = {
     "target": "ldm.models.autoencoder.AutoencoderKL",
@@ -97,18 +99,13 @@ def to_original_config(config) -> dict[str, Any]:
             "embed_dim": ae.pop("embed_dim"), "ddconfig": ae, "lossconfig": {"target": "torch.nn.Identity"}}},
     }
     if config.denoiser is not None:
-        if "original" in config.denoiser:
-            params["unet_config"] = config.denoiser["original"]
-        elif config.denoiser.get("type") == "unet":
-            fields = {k: v for k, v in config.denoiser.items() if k != "type"}
-            params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                                     "params": {**fields, "use_spatial_transformer": True}}
-        else:
-            raise InputError(f"a {config.denoiser.get('type')!r} denoiser has no original-format equivalent")
+        if not isinstance(config.denoiser, UNetConfig):
+            raise InputError(f"a {type(config.denoiser).__name__} denoiser has no original-format equivalent; "
+                             "keep our format")
+        params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                                 "params": {**config.denoiser.to_dict(), "use_spatial_transformer": True}}
     if config.text_encoder is not None:
-        if "original" not in config.text_encoder:
-            raise InputError("this text encoder has no original-format equivalent; keep our format")
-        params["cond_stage_config"] = config.text_encoder["original"]
+        params["cond_stage_config"] = config.text_encoder.to_original()
     return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
 
@@ -119,10 +116,9 @@ def to_original_state_dict(model) -> dict[str, torch.Tensor]:
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
         if prefix is not None:
             state[_PREFIXES[prefix] + key[len(prefix):]] = value
-    text = model.config.text_encoder or {}
-    if str(text.get("original", {}).get("target", "")).endswith("FrozenCLIPEmbedder"):
-        from .text import open_clip_to_hf_clip  # SD 1.x keeps its CLIP in Hugging Face layout
-
+    text = model.config.text_encoder
+    if text is not None and text.to_original()["target"].endswith("FrozenCLIPEmbedder"):
+        # SD 1.x keeps its CLIP in Hugging Face layout
         hf = open_clip_to_hf_clip(_strip(state, "cond_stage_model."))
         state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
         state.update({"cond_stage_model." + k: v for k, v in hf.items()})

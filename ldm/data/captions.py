@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from autoencoder.errors import InputError
-from ldm.data import ShardStream, decode_shard_image, image_transform
+from common.errors import InputError
+from ldm.data.images import ShardStream, decode_shard_image, image_transform
 
 
 def read_caption(sample: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ no renaming: same names, shapes and `state_dict` order.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from autoencoder.config import check_keys, coerce_numbers
-from autoencoder.errors import InputError
+from common.config import check_keys, coerce_numbers
+from common.errors import InputError
 from autoencoder.modules import is_channels_last
 
-from .attention import SpatialTransformer
-from .conv import Conv2d
+from ldm.denoisers.attention import SpatialTransformer
+from ldm.denoisers.conv import Conv2d
+from ldm.denoisers.embeddings import timestep_embedding
 
 # Original unet_config params that change no weight (read and dropped), those we accept only at
 # the value every SD 1.x/2.x UNet uses (other values change the module tree), and the original
@@ -139,17 +139,6 @@ def attention_heads(config: UNetConfig, channels: int) -> tuple[int, int]:
     if config.legacy:  # the original's legacy branch, for the spatial transformer
         dim_head = channels // heads if heads > 0 else 0
     return heads, dim_head
-
-
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of (float) timesteps [B] -> [B, dim] (Vaswani et al. 2017, sec. 3.5)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -336,29 +325,3 @@ class UNetModel(nn.Module):
         return out.contiguous() if channels_last else out
 
 
-ORIGINAL_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel",)
-
-
-def _build_dit(fields: dict[str, Any]) -> nn.Module:
-    from .dit import DiT, DiTConfig  # imported here: ldm.dit imports timestep_embedding from this module
-
-    return DiT(DiTConfig.from_dict(fields))
-
-
-DENOISER_TYPES = {"unet": lambda fields: UNetModel(UNetConfig.from_dict(fields)),
-                  "dit": _build_dit}
-
-
-def build_denoiser(config: dict[str, Any]) -> nn.Module:
-    """The denoiser of an LDM config: `{"original": {"target": ..., "params": {...}}}` or `{"type": "unet", ...}`."""
-    if "original" in config:
-        section = config["original"] or {}
-        target = section.get("target")
-        if target not in ORIGINAL_TARGETS:
-            raise InputError(f"original denoiser {target!r} is not supported; supported: {list(ORIGINAL_TARGETS)}")
-        return UNetModel(UNetConfig.from_original(section.get("params") or {}))
-    fields = dict(config)
-    kind = fields.pop("type", None)
-    if kind not in DENOISER_TYPES:
-        raise InputError(f"denoiser type {kind!r} is unknown; choose one of {sorted(DENOISER_TYPES)}")
-    return DENOISER_TYPES[kind](fields)

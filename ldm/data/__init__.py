@@ -1,0 +1,1 @@
+"""Training data: image folders, image-caption and latent shards, resumable order."""

@@ -1,0 +1,1 @@
+"""File formats: original SD configs and key layouts, config dialects, load_model / save_model."""

@@ -1,0 +1,1 @@
+"""Training: config, distributed setup, the trained module, EMA, checkpoints, metric logs."""
