@@ -49,7 +49,7 @@ class LatentDiffusion(nn.Module):
         return self
 
     def fuse_qkv_projections(self) -> None:
-        """One GEMM for the denoiser's Q, K, V projections at inference (see `ldm.attention.fuse_qkv_projections`)."""
+        """One GEMM for the denoiser's Q, K, V projections at inference (see `ldm.denoisers.attention.fuse_qkv_projections`)."""
         if self.denoiser is None:
             raise InputError("this model has no denoiser, so there is nothing to fuse; load a full latent diffusion checkpoint")
         if fuse_qkv_projections(self.denoiser) == 0:

@@ -427,7 +427,7 @@ def test_config_that_does_not_fit(tiny_ckpt, tmp_path, monkeypatch, capsys):
 
 
 def test_missing_default_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ldm.loading, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(ldm.formats.loading, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
     code, err = run_in_process("txt2img.py", ["--prompt", "a", "--outdir", str(tmp_path)], monkeypatch, capsys)
     assert_one_line_error(code, err, "the embedded default model is missing")
 

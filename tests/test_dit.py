@@ -94,7 +94,7 @@ def test_dit_xl2_has_the_papers_parameter_count():
     The official models.py builds 675,129,632 parameters. Ours differ by what we leave out on
     purpose: the class-label table (1001 x 1152, no class labels here), the fixed position embedding
     (256 x 1152, a non-trainable nn.Parameter there, computed per grid size here), the q/k/v biases
-    (28 blocks x 3 x 1152; ldm.attention's CrossAttention has none), and the learned-sigma half of
+    (28 blocks x 3 x 1152; ldm.denoisers.attention's CrossAttention has none), and the learned-sigma half of
     the output (1152 x 16 + 16; we predict eps/v only).
     """
     with torch.device("meta"):

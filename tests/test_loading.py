@@ -124,7 +124,7 @@ def test_missing_corrupt_and_unknown_files(tmp_path):
 
 
 def test_missing_default_model_is_a_clear_message(monkeypatch, tmp_path):
-    monkeypatch.setattr(ldm.loading, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(ldm.formats.loading, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
     with pytest.raises(InputError, match="the embedded default model is missing .*absent.safetensors.*--ckpt"):
         ldm.load_model()
 
@@ -137,7 +137,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ldm.checkpoint.save_file", crash)
+    monkeypatch.setattr("common.checkpoint.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"w": torch.zeros(3)}, {"step": 2})
     assert path.read_bytes() == before  # the old checkpoint is intact

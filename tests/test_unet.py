@@ -290,7 +290,7 @@ def test_channels_last_model_gives_the_same_output(overrides):
                                           (dict(kernel_size=1, bias=False), 8), (dict(kernel_size=3, padding=1), 32)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_small_map_conv_matches_nn_conv2d(kwargs, size, channels_last, monkeypatch):
-    """ldm.conv.Conv2d: maps of <= 8x8 output pixels go through im2col + matmul on the CPU without autograd."""
+    """ldm.denoisers.conv.Conv2d: maps of <= 8x8 output pixels go through im2col + matmul on the CPU without autograd."""
     from ldm.denoisers import conv
 
     layer = conv.Conv2d(24, 40, **kwargs)

@@ -1,6 +1,6 @@
 """Training images: a folder of images or webdataset shards -> {"image": (3, H, W) in [-1, 1], "key": str}.
 
-Sources yield dicts so later stages can add keys (captions and cached latents: `ldm.caption_data`).
+Sources yield dicts so later stages can add keys (captions and cached latents: `ldm.data.captions`).
 Unreadable images never stop a run: they are skipped, warned about once and counted in a `SkipReport`, per
 process: each DataLoader worker counts in its own copy of the dataset, unseen by the main process. To find
 every bad file up front, call `ImageFolder.verify()` in the main process.

@@ -5,7 +5,7 @@ timestep embedding (sec. 3.2) -> final adaLN layer -> unpatchify. For text, each
 cross-attends to the context tokens after its self-attention, as PixArt-alpha (Chen et al. 2023,
 sec. 2.3), with its own pre-LayerNorm. The interface is the UNet's:
 `forward(x [B, C, H, W], timesteps [B], context [B, T, context_dim]) -> [B, C_out, H, W]`.
-Attention uses `ldm.attention` (SDPA / xformers / math backends).
+Attention uses `ldm.denoisers.attention` (SDPA / xformers / math backends).
 """
 from __future__ import annotations
 
