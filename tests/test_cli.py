@@ -263,6 +263,14 @@ def test_inpainting_unet_9_channels(tiny_inpaint_ckpt, photo):
     assert np.abs(out[~keep] - original[~keep]).mean() > 5
 
 
+def test_inpainting_unet_is_read_from_the_config_and_needs_a_mask(tiny_inpaint_ckpt, tiny_model, photo):
+    model = ldm.load_model(tiny_inpaint_ckpt)
+    assert model.concat_channels == 5 and tiny_model.concat_channels == 0  # in_channels 9 vs 4 latent channels
+    for kwargs in ({}, {"init_image": photo}):  # text-to-image and img2img have no mask to give it
+        with pytest.raises(ldm.InputError, match="takes 5 extra input channels .concat. but 0 were given"):
+            model.generate(PROMPT, steps=2, seed=3, **kwargs)
+
+
 def test_oom_splits_the_batch(tiny_model, monkeypatch):
     decode = tiny_model.decode_latents
     batch_sizes = []

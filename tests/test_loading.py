@@ -15,6 +15,8 @@ from common.errors import InputError
 from common.checkpoint import read_checkpoint, save_checkpoint
 
 from helpers import REPO, TINY_AE, reference_dir
+from ldm.formats.configs import ldm_config_from_dict
+from ldm.text import TextEncoderConfig
 
 
 def _tiny_model() -> ldm.LatentDiffusion:
@@ -176,3 +178,31 @@ def test_full_model_of_our_own_round_trips_and_samples(tmp_path):
         latents = loaded.sample(cond, uncond, x_T=torch.randn(1, 4, 8, 8), steps=3, guidance_scale=5.0)
         images = loaded.decode_latents(latents)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_checkpoints_written_before_the_typed_sections_still_load(tmp_path):
+    """Our checkpoints up to 2026-11 stored the original `unet_config` / `cond_stage_config` as
+    `{"original": section}`; they load to the same typed config and the same outputs."""
+    ref = reference_dir("tiny-sd2")
+    model = ldm.load_model(ref / "model.safetensors", config=ref / "config.yaml")
+    params = yaml.safe_load((ref / "config.yaml").read_text())["model"]["params"]
+    assert params["cond_stage_config"]["target"] == "torch.nn.Identity" and model.config.text_encoder is None
+    old = {**model.config.to_dict(), "denoiser": {"original": params["unet_config"]}}
+    save_checkpoint(tmp_path / "old.safetensors", model.state_dict(),
+                    {"kind": "latent_diffusion", "config": json.dumps(old)})
+    loaded = ldm.load_model(tmp_path / "old.safetensors")
+    assert loaded.config == model.config
+    assert loaded.config.denoiser.context_dim == params["unet_config"]["params"]["context_dim"]
+    cases = load_file(ref / "cases.safetensors")
+    with torch.no_grad():
+        out = loaded.denoiser(cases["unet_x"], cases["unet_t"], cases["unet_context"])
+    torch.testing.assert_close(out, cases["unet_out"], atol=1e-4, rtol=0)
+    bad = {**old, "denoiser": {"original": params["unet_config"], "type": "unet"}}
+    save_checkpoint(tmp_path / "bad.safetensors", model.state_dict(), {"kind": "latent_diffusion", "config": json.dumps(bad)})
+    with pytest.raises(InputError, match="'original' takes no other keys"):
+        ldm.load_model(tmp_path / "bad.safetensors")
+    sd1_text = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}  # as v1-inference.yaml
+    translated = ldm_config_from_dict({**old, "text_encoder": {"original": sd1_text}}).text_encoder
+    assert translated == TextEncoderConfig(arch="ViT-L-14", layer="last", quick_gelu=True, pad_token_id=49407,
+                                           with_projection=False, trainable=False)
+    assert translated.to_original() == sd1_text
