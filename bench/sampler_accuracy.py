@@ -234,15 +234,15 @@ def main() -> None:
     ode_cache: dict = {}  # (sigma_start, sigma_end) or a parameterization -> solution
 
     def reference(sampler: str, steps: int, parameterization: str) -> torch.Tensor:
-        timesteps, sigmas = plan(sampler, schedule, steps)
-        sigma_end = 0.0 if sigmas is not None else sigma_last  # DDIM and PLMS stop at alpha_bar[0]
+        steps_plan = plan(sampler, schedule, steps)
+        # DDIM and PLMS end at alpha_bar[0] (sigma_last), the sigma-space samplers at sigma 0.
+        sigma_start, sigma_end = steps_plan.sigmas[0].item(), steps_plan.sigmas[-1].item()
         if args.reference == "ddim1000":
             if sigma_end:
                 return ddim1000[parameterization]
             if parameterization not in ode_cache:
                 ode_cache[parameterization] = solve_ode(mixture, ddim1000[parameterization], sigma_last, 0.0)
             return ode_cache[parameterization]
-        sigma_start = sigmas[0].item() if sigmas is not None else all_sigmas[timesteps[0]].item()
         if (sigma_start, sigma_end) not in ode_cache:
             ode_cache[sigma_start, sigma_end] = solve_ode(mixture, x_T, sigma_start, sigma_end)
         return ode_cache[sigma_start, sigma_end]

@@ -1,6 +1,7 @@
 """Samplers: parity with diffusers' schedulers, the seeds' identities, guidance, img2img, bad input."""
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -10,8 +11,10 @@ from torch import nn
 import ldm
 from common.errors import InputError
 from ldm import samplers
-from ldm.diffusion.parameterization import model_target
-from ldm.samplers.ddim import _alphas, ddim_sigmas
+from ldm.diffusion.parameterization import PARAMETERIZATIONS, model_target
+from ldm.diffusion.process import noise_to_level, noise_to_sigma, q_sample
+from ldm.samplers.ddim import ddim_sigmas
+from ldm.samplers.denoiser import DiscreteDenoiser
 from ldm.samplers.discretization import ddim_timesteps
 from ldm.diffusion.schedule import NoiseSchedule, make_betas
 
@@ -68,8 +71,8 @@ def test_ddim_timesteps_are_the_originals():
     assert ddim_timesteps(1000, 10).tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
     assert len(ddim_timesteps(1000, 30)) == 31  # as the original: range(0, 1000, 33)
     assert ddim_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
-    alphas, alphas_prev = _alphas(SD, ddim_timesteps(1000, 10))
-    assert alphas_prev[-1] == SD.alphas_cumprod[0].double()  # the last "previous alpha" is alpha_bar[0], not 1
+    alphas_cumprod = samplers.plan("ddim", SD, 10).alphas_cumprod
+    assert alphas_cumprod[-1] == SD.alphas_cumprod[0].double()  # the last "previous alpha" is alpha_bar[0], not 1
 
 
 def _oracle(x0: torch.Tensor, parameterization: str = "eps"):
@@ -209,6 +212,73 @@ def test_img2img_starts_from_the_noised_latent():
     a = SD.alphas_cumprod[first["t"]]
     assert first["t"] == 251  # 20 steps: 951, 901, ..., 1; strength 0.3 keeps the last 6
     torch.testing.assert_close(first["x"], a.sqrt() * init + (1 - a).sqrt() * noise)
+
+
+def _as_parameterization(x0_model, parameterization: str):
+    """The network that predicts x0 = x0_model(x_t, t), rewritten to output eps, v or x0 (its training target)."""
+    def model(x, t):
+        a = SD.alphas_cumprod.double()[t].to(x.dtype).reshape(-1, 1, 1, 1)
+        x0 = x0_model(x, t)
+        return model_target(x0, (x - a.sqrt() * x0) / (1 - a).sqrt(), a, parameterization)
+    return model
+
+
+@pytest.mark.parametrize("t", [1, 500, 999])
+def test_the_denoiser_adapter_absorbs_the_parameterization(t):
+    """One underlying model in each parameterization: the adapter gives the same x0 and eps, in both views."""
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+    a = SD.alphas_cumprod.double()[t]
+    x0 = toy_model(x, torch.full((2,), t))
+    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # DDPM eq. 4 solved for eps
+    sigma = SD.sigmas[t].item()
+    for parameterization in PARAMETERIZATIONS:
+        denoiser = DiscreteDenoiser(_as_parameterization(toy_model, parameterization), SD,
+                                    parameterization=parameterization)
+        x0_pred, eps_pred = denoiser.predict(x, torch.tensor(t))
+        torch.testing.assert_close(x0_pred, x0, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(eps_pred, eps, rtol=1e-9, atol=1e-9)
+        # The VE view of the same state, x_ve = x_vp * sqrt(sigma^2 + 1), denoises to the same x0.
+        torch.testing.assert_close(denoiser(x * (sigma ** 2 + 1) ** 0.5, sigma, t), x0, rtol=1e-9, atol=1e-9)
+    with pytest.raises(InputError, match="parameterization 'score' is not one of eps, v, x0"):
+        DiscreteDenoiser(toy_model, SD, parameterization="score")
+    with pytest.raises(InputError, match="parameterization 'score' is not one of eps, v, x0"):
+        samplers.sample(toy_model, x, SD, parameterization="score")
+
+
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_every_sampler_has_the_one_signature_and_declares_its_options(name):
+    spec = samplers.SAMPLERS[name]
+    params = inspect.signature(spec.function).parameters
+    assert [p.name for p in params.values() if p.kind is p.POSITIONAL_OR_KEYWORD] == ["denoiser", "x", "plan"]
+    keyword = [p for p in params.values() if p.kind is p.KEYWORD_ONLY]
+    assert {p.name for p in keyword} == {"generator", "callback", "blend", *spec.options}
+    assert all(p.default is not p.empty for p in keyword)
+    assert set(spec.options.values()) <= set(inspect.signature(samplers.sample).parameters)
+
+
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_plans_give_every_level_as_sigma_and_as_alpha_bar(name):
+    plan = samplers.plan(name, SD, 10)
+    assert plan[0] is plan.timesteps  # a tuple: the CLI and bench count steps as len(plan(...)[0])
+    assert plan.sigmas.shape == plan.alphas_cumprod.shape == (len(plan.timesteps) + 1,)
+    torch.testing.assert_close(plan.alphas_cumprod, 1 / (plan.sigmas ** 2 + 1), rtol=1e-12, atol=0)
+    if name != "dpmpp_2m_karras":  # Karras levels lie between the schedule's (Karras et al. 2022, eq. 5)
+        assert torch.equal(plan.sigmas[:-1], SD.sigmas[plan.timesteps])
+    # DDIM and PLMS end at alpha_bar[0] (SD's convention); DDPM and the sigma-space samplers at the clean latent.
+    assert plan.alphas_cumprod[-1] == (SD.alphas_cumprod[0].double() if name in ("ddim", "plms") else 1.0)
+    skipped = plan.skip(7)
+    assert torch.equal(skipped.timesteps, plan.timesteps[7:]) and torch.equal(skipped.sigmas, plan.sigmas[7:])
+
+
+def test_noising_to_one_level_is_ddpm_eq_4_in_both_views():
+    x0, noise = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    t = 321
+    a = SD.alphas_cumprod.double()[t].item()
+    torch.testing.assert_close(noise_to_level(x0, noise, a), q_sample(SD, x0, torch.full((2,), t), noise),
+                               rtol=1e-7, atol=1e-7)  # q_sample reads the float32 sqrt tables
+    sigma = ((1 - a) / a) ** 0.5
+    torch.testing.assert_close(noise_to_sigma(x0, noise, sigma), noise_to_level(x0, noise, a) * (sigma ** 2 + 1) ** 0.5,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input_messages():

@@ -1,40 +1,63 @@
-"""Samplers: pure functions that take the model function and own no weights.
+"""Samplers: pure functions that take the denoiser and own no weights.
 
-`sample(model_fn, x_T, schedule, sampler=..., steps=...)` picks the timesteps the way the original
-code / diffusers do for that sampler, handles the img2img start, and runs it. `model_fn(x, t)`
-returns the raw network output (eps, v or x0, per `parameterization`); wrap a conditional
-denoiser with `guided_model_fn` for classifier-free guidance.
+`sample(model_fn, x_T, schedule, sampler=..., steps=...)` wraps `model_fn` in a `DiscreteDenoiser`
+(which absorbs the parameterization), plans the timesteps the way the original code / diffusers
+do for that sampler, handles the img2img start and the inpainting blend, and runs it. Every
+sampler has one signature (`ldm.samplers.interface`); `SAMPLERS` says, per name, which function,
+which plan, which state space and which of `sample`'s options it takes. `model_fn(x, t)` returns
+the raw network output (eps, v or x0, per `parameterization`); wrap a conditional network with
+`guided_model_fn` for classifier-free guidance.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 from common.errors import InputError
 
-from ldm.diffusion.parameterization import ModelFn, check_parameterization
+from ldm.diffusion.parameterization import ModelFn
+from ldm.diffusion.process import noise_to_level, noise_to_sigma
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.samplers.ddim import sample_ddim, sample_plms
-from ldm.samplers.ddpm import sample_ddpm
-from ldm.samplers.discretization import ddim_timesteps, dpm_solver_timesteps, karras_sigmas, leading_timesteps, sigma_to_t
+from ldm.samplers.ddpm import VARIANCES, sample_ddpm
+from ldm.samplers.denoiser import DiscreteDenoiser
+from ldm.samplers.discretization import ddim_plan, ddpm_plan, dpm_solver_plan, karras_plan, leading_plan
 from ldm.samplers.guidance import guided_model_fn
-from ldm.samplers.noise import Generators, randn_like
+from ldm.samplers.interface import Blend, Plan
 from ldm.samplers.k_samplers import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
+from ldm.samplers.noise import Generators, randn_like
 
-# name -> (function, works in sigma space)
-SAMPLERS: dict[str, tuple[Callable, bool]] = {
-    "ddim": (sample_ddim, False),
-    "plms": (sample_plms, False),
-    "ddpm": (sample_ddpm, False),
-    "dpmpp_2m": (sample_dpmpp_2m, True),
-    "dpmpp_2m_karras": (sample_dpmpp_2m, True),
-    "euler": (sample_euler, True),
-    "euler_a": (sample_euler_ancestral, True),
-    "heun": (sample_heun, True),
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One registry entry: the sampler, the steps it takes, its state space, and the options it reads.
+
+    `function(denoiser, x, plan, *, generator, callback, blend, **options)`; `make_plan(schedule, steps)`;
+    `sigma_space`: the state is x0 + sigma eps (Karras et al. 2022) rather than sqrt(a) x0 + sqrt(1-a) eps;
+    `options`: the function's own keyword -> the `sample` argument that feeds it.
+    """
+
+    function: Callable[..., torch.Tensor]
+    make_plan: Callable[[NoiseSchedule, int], Plan]
+    sigma_space: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+
+
+# name -> spec; the keys are the CLI's --sampler choices.
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec(sample_ddim, ddim_plan, options={"eta": "eta"}),
+    "plms": SamplerSpec(sample_plms, ddim_plan),
+    "ddpm": SamplerSpec(sample_ddpm, ddpm_plan, options={"variance": "ddpm_variance"}),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_solver_plan, sigma_space=True),
+    "dpmpp_2m_karras": SamplerSpec(sample_dpmpp_2m, karras_plan, sigma_space=True),
+    "euler": SamplerSpec(sample_euler, leading_plan, sigma_space=True),
+    "euler_a": SamplerSpec(sample_euler_ancestral, leading_plan, sigma_space=True),
+    "heun": SamplerSpec(sample_heun, leading_plan, sigma_space=True),
 }
 
-__all__ = ["SAMPLERS", "guided_model_fn", "plan", "sample"]
+__all__ = ["SAMPLERS", "DiscreteDenoiser", "Plan", "SamplerSpec", "guided_model_fn", "plan", "sample"]
 
 
 def check_sampler_args(sampler: str, steps: int, num_timesteps: int, *, eta: float = 0.0,
@@ -49,19 +72,10 @@ def check_sampler_args(sampler: str, steps: int, num_timesteps: int, *, eta: flo
         raise InputError(f"strength must be in (0, 1] (1: start from pure noise), got {strength}")
 
 
-def plan(sampler: str, schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(timesteps the model sees, descending; noise levels for sigma-space samplers, ending in 0)."""
-    T = schedule.num_timesteps
-    if not SAMPLERS[sampler][1]:
-        return ddim_timesteps(T, steps), None
-    all_sigmas = schedule.sigmas
-    if sampler == "dpmpp_2m_karras":
-        sigmas = karras_sigmas(all_sigmas[0].item(), all_sigmas[-1].item(), steps)
-        timesteps = sigma_to_t(sigmas, schedule).round().long()
-    else:
-        timesteps = dpm_solver_timesteps(T, steps) if sampler == "dpmpp_2m" else leading_timesteps(T, steps)
-        sigmas = all_sigmas[timesteps]
-    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
+def plan(sampler: str, schedule: NoiseSchedule, steps: int) -> Plan:
+    """The steps `sampler` takes: (timesteps the model sees, descending; n + 1 noise levels as sigmas and as
+    alpha_bar, the last where it ends). `plan(...)[0]` is the timesteps."""
+    return SAMPLERS[sampler].make_plan(schedule, steps)
 
 
 def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampler: str = "ddim",
@@ -80,57 +94,42 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sam
     is DDPM's sigma_t^2: "posterior" (beta~_t) or "beta" (beta_t), DDPM sec. 3.2.
     """
     check_sampler_args(sampler, steps, schedule.num_timesteps, eta=eta, strength=strength)
-    check_parameterization(parameterization)
-    if ddpm_variance not in ("posterior", "beta"):
+    denoiser = DiscreteDenoiser(model_fn, schedule, parameterization=parameterization)
+    if ddpm_variance not in VARIANCES:
         raise InputError(f"ddpm_variance must be 'posterior' or 'beta', got {ddpm_variance!r}")
-    timesteps, sigmas = plan(sampler, schedule, steps)
+    spec = SAMPLERS[sampler]
+    steps_plan = spec.make_plan(schedule, steps)
     x = x_T
     if init_latent is not None:
         if init_latent.shape != x_T.shape:
             raise InputError(f"init latent shape {tuple(init_latent.shape)} differs from the noise shape {tuple(x_T.shape)}")
-        n = len(timesteps)
-        start = n - max(1, min(n, int(strength * n)))
-        timesteps = timesteps[start:]
-        if sigmas is not None:
-            sigmas = sigmas[start:]
-            alpha_bar = 1.0 / (sigmas[0].item() ** 2 + 1.0)
-        else:
-            alpha_bar = schedule.alphas_cumprod[timesteps[0]].item()
+        n = len(steps_plan.timesteps)
+        steps_plan = steps_plan.skip(n - max(1, min(n, int(strength * n))))
         # q(x_t | x_0), DDPM eq. 4, with x_T as the noise.
-        x = alpha_bar ** 0.5 * init_latent + (1 - alpha_bar) ** 0.5 * x_T
-    function, sigma_space = SAMPLERS[sampler]
-    kwargs = dict(parameterization=parameterization, callback=callback)
+        x = noise_to_level(init_latent, x_T, steps_plan.alphas_cumprod[0].item())
+    blend = None
     if keep_mask is not None:
         if init_latent is None:
             raise InputError("a mask needs an init image (inpainting keeps part of it)")
-        kwargs["blend"] = _inpaint_blend(init_latent, keep_mask, schedule, timesteps, sigmas, generator)
-    if sampler in ("ddim",):
-        kwargs["eta"] = eta
-    if sampler == "ddpm":
-        kwargs["variance"] = ddpm_variance
-    if sampler in ("ddim", "ddpm", "plms", "euler_a"):
-        kwargs["generator"] = generator
-    if sigma_space:
-        x = function(model_fn, x, sigmas, timesteps, **kwargs)
-    else:
-        x = function(model_fn, x, schedule, timesteps, **kwargs)
+        blend = _inpaint_blend(init_latent, keep_mask, steps_plan, spec.sigma_space, generator)
+    arguments: dict[str, Any] = {"eta": eta, "ddpm_variance": ddpm_variance}
+    options = {keyword: arguments[argument] for keyword, argument in spec.options.items()}
+    x = spec.function(denoiser, x, steps_plan, generator=generator, callback=callback, blend=blend, **options)
     if keep_mask is not None:
         x = keep_mask * init_latent + (1 - keep_mask) * x
     return x
 
 
-def _inpaint_blend(init_latent: torch.Tensor, keep_mask: torch.Tensor, schedule: NoiseSchedule,
-                   timesteps: torch.Tensor, sigmas: torch.Tensor | None, generator: Generators):
+def _inpaint_blend(init_latent: torch.Tensor, keep_mask: torch.Tensor, steps_plan: Plan, sigma_space: bool,
+                   generator: Generators) -> Blend:
     """x -> keep * q(x_t | init) + (1 - keep) * x at step i, in the sampler's own space (VP or sigma)."""
-    alphas = schedule.alphas_cumprod.double()
 
     def blend(x: torch.Tensor, i: int) -> torch.Tensor:
         noise = randn_like(x, generator)
-        if sigmas is not None:  # variance-exploding state: x = x0 + sigma * eps
-            known = init_latent + sigmas[i].item() * noise
-        else:  # DDPM eq. 4
-            a = alphas[timesteps[i]].item()
-            known = a ** 0.5 * init_latent + (1 - a) ** 0.5 * noise
+        if sigma_space:
+            known = noise_to_sigma(init_latent, noise, steps_plan.sigmas[i].item())
+        else:
+            known = noise_to_level(init_latent, noise, steps_plan.alphas_cumprod[i].item())
         return keep_mask * known + (1 - keep_mask) * x
 
     return blend

@@ -1,9 +1,13 @@
-"""Which timesteps (and noise levels) a sampler visits, as the original code and diffusers choose them."""
+"""Which timesteps (and noise levels) a sampler visits, as the original code and diffusers choose them.
+
+The spacings below give timesteps; the `*_plan` functions turn them into each sampler's `Plan`.
+"""
 from __future__ import annotations
 
 import torch
 
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.samplers.interface import Plan
 
 
 def ddim_timesteps(num_train: int, steps: int) -> torch.Tensor:
@@ -56,3 +60,44 @@ def sigma_to_t(sigmas: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     high = low + 1
     w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
     return (1 - w) * low + w * high
+
+
+# Plans: (schedule, steps) -> Plan, one per way of stepping; the registry in `ldm.samplers` names them.
+def ddim_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+    """The original DDIMSampler's / PLMSSampler's steps. They end at alpha_bar[0], not 1, as the original does
+    (and diffusers' `set_alpha_to_one=False`)."""
+    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    alphas_cumprod = schedule.alphas_cumprod.double()
+    return Plan.from_alphas_cumprod(timesteps, torch.cat([alphas_cumprod[timesteps], alphas_cumprod[:1]]))
+
+
+def ddpm_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+    """DDIM's timesteps, ending at alpha_bar = 1: DDPM's last step (Algorithm 2, t = 1) goes to the clean latent."""
+    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    alphas_cumprod = schedule.alphas_cumprod.double()
+    return Plan.from_alphas_cumprod(timesteps, torch.cat([alphas_cumprod[timesteps], alphas_cumprod.new_ones(1)]))
+
+
+def _at_schedule_sigmas(schedule: NoiseSchedule, timesteps: torch.Tensor) -> Plan:
+    """The schedule's own noise levels at `timesteps`, then sigma 0."""
+    sigmas = schedule.sigmas[timesteps]
+    return Plan.from_sigmas(timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]))
+
+
+def leading_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+    """diffusers' Euler / Heun schedulers: "leading" timesteps at the schedule's sigmas, down to 0."""
+    return _at_schedule_sigmas(schedule, leading_timesteps(schedule.num_timesteps, steps))
+
+
+def dpm_solver_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+    """diffusers' DPMSolverMultistepScheduler: its "leading" timesteps at the schedule's sigmas, down to 0."""
+    return _at_schedule_sigmas(schedule, dpm_solver_timesteps(schedule.num_timesteps, steps))
+
+
+def karras_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+    """Karras et al. 2022 (eq. 5) levels between the schedule's extremes, then 0; the model sees each
+    level's rounded timestep (diffusers' `use_karras_sigmas=True`)."""
+    all_sigmas = schedule.sigmas
+    sigmas = karras_sigmas(all_sigmas[0].item(), all_sigmas[-1].item(), steps)
+    timesteps = sigma_to_t(sigmas, schedule).round().long()
+    return Plan.from_sigmas(timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]))
