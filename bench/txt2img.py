@@ -138,7 +138,7 @@ def run_worker(args) -> dict:
     latent = size // f
     channels = model.config.autoencoder.embed_dim
     x_T = torch.randn((1, channels, latent, latent), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    n_steps = len(samplers.plan("ddim", model.schedule, args.steps)[0])  # denoiser calls per image
+    n_steps = len(samplers.plan("ddim", model.schedule, args.steps).timesteps)  # denoiser calls per image
 
     def clock() -> float:
         if device.type == "cuda":

@@ -176,7 +176,7 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
     written: list[Path] = []
     # --steps against this model's training steps before `plan` uses it (the flags were checked without the model)
     samplers.check_sampler_args(args.sampler, args.steps, model.schedule.num_timesteps, eta=args.ddim_eta)
-    steps_run = len(samplers.plan(args.sampler, model.schedule, args.steps)[0])
+    steps_run = len(samplers.plan(args.sampler, model.schedule, args.steps).timesteps)
     if extra.get("init_image") is not None:
         steps_run = max(1, min(steps_run, int(extra["strength"] * steps_run)))
     batches = args.n_iter * -(-per_iter // args.batch_size)
