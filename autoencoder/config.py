@@ -5,8 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import InputError
 from common.config import check_keys, coerce_numbers
+from common.errors import InputError
 
 
 @dataclass

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import check_keys, coerce_numbers
 from autoencoder.distributions import DiagonalGaussian
-from common.errors import InputError
 from autoencoder.lpips import LPIPS
+from common.config import check_keys, coerce_numbers
+from common.errors import InputError
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

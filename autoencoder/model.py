@@ -9,9 +9,9 @@ from torch import nn
 
 from autoencoder.config import AutoencoderConfig
 from autoencoder.distributions import DiagonalGaussian
-from common.errors import InputError
 from autoencoder.modules import Decoder, Encoder, is_channels_last
 from autoencoder.tiling import tiled_apply
+from common.errors import InputError
 
 
 @dataclass

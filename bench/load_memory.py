@@ -56,8 +56,8 @@ def make_checkpoint(path: Path) -> None:
     from safetensors.torch import save_file
 
     from ldm.formats.configs import from_original_config
-    from ldm.model import LatentDiffusion
     from ldm.formats.original_configs import SD_V1
+    from ldm.model import LatentDiffusion
 
     config = json.loads(json.dumps(SD_V1))
     config["model"]["params"].pop("cond_stage_config")

@@ -39,20 +39,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from machine import RESULTS, machine, write_section  # bench/machine.py
 from typing import Callable
 
 import torch
 from tqdm import tqdm
+
+from machine import RESULTS, machine, write_section  # bench/machine.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from common.errors import InputError  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 from ldm.diffusion.parameterization import model_target  # noqa: E402
-from ldm.samplers import plan, sample  # noqa: E402
 from ldm.diffusion.schedule import NoiseSchedule  # noqa: E402
+from ldm.samplers import plan, sample  # noqa: E402
 
 LATENT_SHAPE = (4, 8, 8)
 STEPS, QUICK_STEPS = (5, 10, 20, 50), (5, 20)
@@ -135,8 +135,13 @@ def solve_ode(mixture: GaussianMixture, x: torch.Tensor, sigma_start: float, sig
 def diffusers_schedulers() -> dict[str, tuple[str, Callable]]:
     """our sampler name -> (diffusers scheduler, factory(prediction_type)), all "leading" with steps_offset 1."""
     try:
-        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                               HeunDiscreteScheduler, PNDMScheduler)
+        from diffusers import (
+            DDIMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerDiscreteScheduler,
+            HeunDiscreteScheduler,
+            PNDMScheduler,
+        )
     except ImportError as exc:
         raise InputError(f"this benchmark compares against diffusers, which does not import ({exc}); "
                          "pip install diffusers") from exc

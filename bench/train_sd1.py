@@ -59,12 +59,13 @@ def run_worker(args) -> dict:
     import torch
     from PIL import Image
 
-    from helpers import write_real_images
     from ldm import diffusion
     from ldm.formats.configs import from_original_config
-    from ldm.model import LatentDiffusion
     from ldm.formats.original_configs import SD_V1
+    from ldm.model import LatentDiffusion
     from ldm.training.trainable import Trainable
+
+    from helpers import write_real_images
 
     device = torch.device(args.device)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -80,7 +81,7 @@ def run_worker(args) -> dict:
             if hasattr(module, "use_checkpoint"):
                 module.use_checkpoint = True
     model.to(device)
-    trainable = Trainable(model.denoiser, model.text_encoder, train_text=False).to(device).train()
+    trainable = Trainable(model.denoiser).to(device).train()
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type in ("cpu", "cuda"))
     build_s = time.perf_counter() - start
@@ -110,7 +111,7 @@ def run_worker(args) -> dict:
                 context = model.text_encoder.encode(captions).float()
             else:
                 mean, std, context = cached
-                latents = model.scale_factor * (mean + std * torch.randn_like(mean))
+                latents = model.latents_from_posterior(mean, std)
         with autocast():
             loss, _ = diffusion.diffusion_loss(lambda x, t: trainable(x, t, context=context), latents, model.schedule,
                                                parameterization=model.parameterization)

@@ -38,9 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import RESULTS, machine, write_section  # bench/machine.py
-
 from tqdm import tqdm
+
+from machine import RESULTS, machine, write_section  # bench/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -77,6 +77,7 @@ def run(cmd: list[str], threads: int, **env: str) -> subprocess.CompletedProcess
 def make_shards(root: Path) -> str:
     """IMAGES real 32x32 images with captions in SHARDS shards (png + txt); returns the brace pattern."""
     import webdataset as wds
+
     from helpers import write_real_images
 
     images = write_real_images(root / "images", IMAGES)

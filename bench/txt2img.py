@@ -74,8 +74,7 @@ def build_default():
     """(model, description): the embedded default model, or its architecture with random weights."""
     import ldm
     from common.config import read_yaml
-    from ldm.formats.loading import DEFAULT_MODEL
-    from ldm.formats.loading import load_model_config
+    from ldm.formats.loading import DEFAULT_MODEL, load_model_config
 
     if DEFAULT_MODEL.is_file():
         return ldm.load_model(), "default (trained weights)"
@@ -100,8 +99,8 @@ def build_default():
 
 def build_sd1():
     from ldm.formats.configs import from_original_config
-    from ldm.model import LatentDiffusion
     from ldm.formats.original_configs import SD_V1
+    from ldm.model import LatentDiffusion
 
     config = copy.deepcopy(SD_V1)
     config["model"]["params"]["unet_config"]["params"]["use_checkpoint"] = False

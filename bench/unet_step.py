@@ -42,9 +42,9 @@ import time
 import warnings
 from pathlib import Path
 
-from machine import RESULTS, machine, resolve_device_dtype, write_section  # bench/machine.py
-
 import torch
+
+from machine import RESULTS, machine, resolve_device_dtype, write_section  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -108,8 +108,7 @@ def prepare(model: torch.nn.Module, variant: str) -> float:
 
 def build(name: str, original: dict):
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
     from ldm.denoisers.unet import UNetConfig, UNetModel
 

@@ -1,10 +1,13 @@
 """Config-file helpers shared by every package: YAML reading and typed-section checks."""
 from __future__ import annotations
+
 import dataclasses
-from typing import Any
-from common.errors import InputError
 from pathlib import Path
+from typing import Any
+
 import yaml
+
+from common.errors import InputError
 
 
 def check_keys(cls: type, d: dict[str, Any], section: str) -> None:

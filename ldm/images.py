@@ -1,5 +1,6 @@
 """PIL images <-> tensors: the one conversion between pixels and the model's [-1, 1] range."""
 from __future__ import annotations
+
 import numpy as np
 import torch
 from PIL import Image

@@ -12,13 +12,12 @@ from torch import nn
 
 from autoencoder import AutoencoderKL
 from common.errors import InputError
-
 from ldm import samplers
-from ldm.denoisers.attention import fuse_qkv_projections
 from ldm.config import LDMConfig
+from ldm.denoisers import build_denoiser
+from ldm.denoisers.attention import fuse_qkv_projections
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.text import build_text_encoder
-from ldm.denoisers import build_denoiser
 
 
 class LatentDiffusion(nn.Module):

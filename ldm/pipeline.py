@@ -15,7 +15,6 @@ from common.errors import InputError
 from ldm.images import image_to_tensor, mask_to_tensor, to_uint8
 from ldm.model import LatentDiffusion
 
-
 MAX_SEED = 2 ** 32 - 1
 
 

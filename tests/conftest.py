@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from autoencoder import AutoencoderConfig
+
 from helpers import TINY_AE, write_real_images
 
 

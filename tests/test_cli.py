@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 import ldm
-from helpers import REPO, TINY_AE, reference_dir, write_real_images
 from ldm.cli import run_cli
 from ldm.images import image_to_tensor, to_uint8
+
+from helpers import REPO, TINY_AE, reference_dir, write_real_images
 
 UNET = {"type": "unet", "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
         "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16, "context_dim": 64,

@@ -13,9 +13,10 @@ import yaml
 from PIL import Image
 
 import ldm
-from helpers import REPO
 from common.checkpoint import read_checkpoint
 from ldm.formats.loading import DEFAULT_MODEL
+
+from helpers import REPO
 
 CARD = DEFAULT_MODEL.parent / "README.md"
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from common.errors import InputError
-from ldm.denoisers import attention as attn
 from ldm import samplers
-from ldm.diffusion.loss import diffusion_loss
-from ldm.denoisers.dit import DIT_SIZES, DiT, DiTConfig, sincos_2d_position_embedding
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.denoisers import attention as attn
 from ldm.denoisers import build_denoiser
+from ldm.denoisers.dit import DIT_SIZES, DiT, DiTConfig, sincos_2d_position_embedding
+from ldm.diffusion.loss import diffusion_loss
+from ldm.diffusion.schedule import NoiseSchedule
 
 CONTEXT_DIM = 16
 

@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 
 import ldm
 from autoencoder import AutoencoderKL
-from common.errors import InputError
 from common.checkpoint import read_checkpoint, save_checkpoint
-
-from helpers import REPO, TINY_AE, reference_dir
+from common.errors import InputError
 from ldm.formats.configs import ldm_config_from_dict
 from ldm.text import TextEncoderConfig
+
+from helpers import REPO, TINY_AE, reference_dir
 
 
 def _tiny_model() -> ldm.LatentDiffusion:

@@ -9,10 +9,16 @@ import torch
 from safetensors.torch import save_file
 
 from autoencoder import AutoencoderConfig, AutoencoderKL
-from common.errors import InputError
-from autoencoder.losses import (AutoencoderLoss, LossConfig, NLayerDiscriminator, adopt_weight, hinge_d_loss,
-                                vanilla_d_loss)
+from autoencoder.losses import (
+    AutoencoderLoss,
+    LossConfig,
+    NLayerDiscriminator,
+    adopt_weight,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
 from autoencoder.lpips import LPIPS
+from common.errors import InputError
 
 
 @pytest.mark.parametrize("n_layers, size, logits", [

@@ -11,8 +11,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from common.errors import InputError
 from autoencoder.lpips import LPIPS
+from common.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import InputError
 from autoencoder.metrics import psnr, ssim
+from common.errors import InputError
 
 
 def random_images(seed: int, shape=(2, 3, 24, 20)) -> torch.Tensor:

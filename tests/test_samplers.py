@@ -13,10 +13,10 @@ from common.errors import InputError
 from ldm import samplers
 from ldm.diffusion.parameterization import PARAMETERIZATIONS, model_target
 from ldm.diffusion.process import noise_to_level, noise_to_sigma, q_sample
+from ldm.diffusion.schedule import NoiseSchedule, make_betas
 from ldm.samplers.ddim import ddim_sigmas
 from ldm.samplers.denoiser import DiscreteDenoiser
 from ldm.samplers.discretization import ddim_timesteps
-from ldm.diffusion.schedule import NoiseSchedule, make_betas
 
 from helpers import TINY_AE
 
@@ -307,8 +307,9 @@ def test_bad_input_messages():
 
 def test_ddim_matches_the_original_ddimsampler_on_tiny_sd2():
     """The original DDIMSampler's output (eta 0, 10 steps, guidance 3, v-model) from the fixture, to 1e-4."""
-    from helpers import reference_dir
     from safetensors.torch import load_file
+
+    from helpers import reference_dir
 
     ref = reference_dir("tiny-sd2")
     model = ldm.load_model(ref / "model.safetensors", config=ref / "config.yaml")

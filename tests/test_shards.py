@@ -20,9 +20,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from common.errors import InputError
-from helpers import REPO, write_real_images
-from ldm.data.captions import WebDatasetCaptions, caption_dataset, collate_latents, latent_dataset
 from ldm.cli import run_cli
+from ldm.data.captions import WebDatasetCaptions, caption_dataset, collate_latents, latent_dataset
+
+from helpers import REPO, write_real_images
 
 SCRIPT = REPO / "tools" / "make_shards.py"
 SIZE = 16

@@ -10,10 +10,10 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import save_file
 
-from common.errors import InputError
 from common.checkpoint import load_state_dict_checked, save_checkpoint
-from ldm.text.encoders import OpenCLIPTextEncoder, SmallTextEncoder
+from common.errors import InputError
 from ldm.text import TextEncoderConfig, build_text_encoder
+from ldm.text.encoders import OpenCLIPTextEncoder, SmallTextEncoder
 from ldm.text.keymaps import hf_clip_to_open_clip, load_open_clip_weights, open_clip_to_hf_clip
 from ldm.text.tokenizer import tokenize
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import ldm
+
 from helpers import REPO, write_real_images
 
 SCRIPT = REPO / "tools" / "train_autoencoder.py"
@@ -92,6 +93,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     (["--data", "{images}", "train.batch_sise=4"], "train config: unknown keys ['batch_sise']"),
     (["--data", "{images}", "loss.disc_loss=square"], "disc_loss"),
     (["--data", "{images}", "train.batch_size=64"], "fewer than one batch of 64"),
+    (["--data", "{images}", "train.eval_every=0"], "train config: eval_every must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line(tmp_path, real_images, extra, message):
     (tmp_path / "empty").mkdir()

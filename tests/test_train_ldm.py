@@ -146,6 +146,22 @@ def test_latent_caching_gives_the_same_loss(shards, tmp_path):
     train("--latents", str(out / "000000.tar"), "--out", str(tmp_path / "run"), "--max-steps", "2", *FAST)
 
 
+def test_a_frozen_text_encoder_stays_as_built(shards, tmp_path):
+    """A frozen encoder conditions the denoiser (without gradients) and is neither trained nor averaged."""
+    frozen = "model.text_encoder={kind: small, width: 128, layers: 2, heads: 4, trainable: false}"
+    run = tmp_path / "run"
+    result = train("--data", shards, "--out", str(run), "--max-steps", "2", *FAST, frozen)
+    assert "trainable parameters (denoiser)," in result.stdout
+    sys.path.insert(0, str(REPO / "tools"))
+    from encode_latents import build_model
+
+    initial, _ = build_model(str(REPO / "configs/ldm/tiny.yaml"), [frozen], torch.device("cpu"))  # the same seed
+    trained = ldm.load_model(run / "model.safetensors")
+    before, after = initial.state_dict(), trained.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("text_encoder."))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("denoiser."))
+
+
 def test_bad_input(tmp_path, shards):
     result = train("--out", str(tmp_path / "run"), check=False)
     assert result.returncode == 2 and "give --data" in result.stderr

@@ -1,4 +1,5 @@
-"""Pieces of the training loop: EMA, the resumable batch order, run checkpoints, the scale factor."""
+"""Pieces of the training loop: EMA, the trained module, the train config, the resumable batch order, run
+checkpoints, the scale factor."""
 from __future__ import annotations
 
 import subprocess
@@ -11,9 +12,12 @@ from torch import nn
 import ldm
 from autoencoder import AutoencoderKL
 from autoencoder.scale_factor import estimate_scale_factor
+from common.errors import InputError
 from ldm.data.order import ResumableBatchSampler, SeededItems
+from ldm.training.checkpoints import checkpoint_to_resume, latest_checkpoint, list_checkpoints, write_checkpoint_dir
+from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
-from ldm.training.checkpoints import latest_checkpoint, list_checkpoints, write_checkpoint_dir
+from ldm.training.trainable import Trainable
 
 from helpers import REPO, TINY_AE
 
@@ -38,6 +42,40 @@ def test_ema_warmup_and_start_step():
     assert ema.current_decay(5) == pytest.approx(1 / 10)  # LitEma: (1 + n) / (10 + n), n = 0
     ema.num_updates = 10_000
     assert ema.current_decay(5) == 0.999
+
+
+class _Denoiser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, x, t, context):
+        return x + self.proj(context).mean(dim=1)
+
+
+def test_trainable_holds_only_the_trained_modules():
+    denoiser, text_encoder = _Denoiser(), nn.Embedding(10, 3)
+    trained_text = Trainable(denoiser, text_encoder)
+    frozen_text = Trainable(denoiser)  # a frozen encoder is neither optimised, nor averaged, nor wrapped by DDP
+    # The keys are the model's, so checkpoints and the EMA address LatentDiffusion's parts.
+    assert {k.split(".")[0] for k in trained_text.state_dict()} == {"denoiser", "text_encoder"}
+    assert {k.split(".")[0] for k in frozen_text.state_dict()} == {"denoiser"}
+    x, t, tokens = torch.randn(2, 2), torch.zeros(2), torch.tensor([[1, 2], [3, 4]])
+    # Tokens through the trained encoder inside forward == the caller passing the encoder's output.
+    torch.testing.assert_close(trained_text(x, t, tokens), frozen_text(x, t, context=text_encoder(tokens)))
+    with pytest.raises(ValueError, match="needs `context`"):
+        frozen_text(x, t, tokens)
+
+
+def test_train_config_reads_yaml_values_and_refuses_bad_ones():
+    config = TrainConfig.from_dict({"lr": "2e-4", "adam_betas": [0.9, 0.99], "seed": 3.0, "min_snr_gamma": 5})
+    assert (config.lr, config.adam_betas, config.seed, config.min_snr_gamma) == (2e-4, (0.9, 0.99), 3, 5.0)
+    with pytest.raises(InputError, match="grad_accum must be >= 1, got 0"):
+        TrainConfig.from_dict({"grad_accum": 0})
+    with pytest.raises(InputError, match=r"caption_dropout must be in \[0, 1\]"):
+        TrainConfig.from_dict({"caption_dropout": 1.5})
+    with pytest.raises(InputError, match="unknown keys"):
+        TrainConfig.from_dict({"batch_sise": 3})
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
@@ -79,6 +117,12 @@ def test_checkpoint_folders_are_complete_or_absent(tmp_path):
     for step in (20, 30, 40):
         write_checkpoint_dir(tmp_path, step, lambda d: (d / "w.txt").write_text("x"), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
+    # A new run refuses a folder that holds checkpoints; --resume takes the newest.
+    with pytest.raises(InputError, match="already holds checkpoints"):
+        checkpoint_to_resume(tmp_path, resume=False)
+    assert checkpoint_to_resume(tmp_path, resume=True).name == "step_00000040"
+    assert checkpoint_to_resume(tmp_path / "new", resume=True) is None
+    assert checkpoint_to_resume(tmp_path / "new", resume=False) is None
 
 
 def test_scale_factor_gives_unit_variance_latents():

@@ -10,13 +10,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from common.checkpoint import load_state_dict_checked, strip_prefix
 from common.errors import InputError
 from ldm.denoisers import attention as attn
-from common.checkpoint import load_state_dict_checked, strip_prefix
-from ldm.denoisers.unet import UNetConfig, UNetModel
 from ldm.denoisers import build_denoiser
-from ldm.formats.configs import original_unet_config
 from ldm.denoisers.embeddings import timestep_embedding
+from ldm.denoisers.unet import UNetConfig, UNetModel
+from ldm.formats.configs import original_unet_config
 
 from helpers import reference_dir
 
@@ -383,8 +383,9 @@ def test_fused_qkv_leaves_training_to_the_separate_projections():
 
 
 def test_fused_qkv_on_a_model_without_attention_is_refused():
-    from helpers import TINY_AE
     from ldm import LatentDiffusion, LDMConfig
+
+    from helpers import TINY_AE
 
     model = LatentDiffusion(LDMConfig(autoencoder=TINY_AE))
     with pytest.raises(InputError, match="no denoiser"):

@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.errors import InputError
 from autoencoder.scale_factor import estimate_scale_factor
 from common.checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from common.errors import InputError
 from ldm.cli import pick_device, run_cli
 from ldm.data.images import build_image_dataset
 from ldm.formats.loading import load_autoencoder

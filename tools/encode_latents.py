@@ -21,12 +21,12 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from common.errors import InputError
-from ldm.data.captions import WebDatasetCaptions
-from ldm.cli import apply_overrides, pick_device, run_cli
 from common.config import read_yaml
-from ldm.model import LatentDiffusion
+from common.errors import InputError
+from ldm.cli import apply_overrides, pick_device, run_cli
+from ldm.data.captions import WebDatasetCaptions
 from ldm.formats.loading import load_model_config
+from ldm.model import LatentDiffusion
 
 
 def build_model(config_path: str, overrides: list[str], device: torch.device) -> tuple[LatentDiffusion, dict]:

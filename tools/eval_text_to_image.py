@@ -31,8 +31,8 @@ from PIL import Image, ImageDraw
 
 import ldm
 from common.errors import InputError
-from ldm.data.captions import WebDatasetCaptions
 from ldm.cli import run_cli
+from ldm.data.captions import WebDatasetCaptions
 from ldm.pipeline import native_size
 
 GRID_PROMPTS = ["red apple", "grinning face", "red heart", "flag: Japan", "pizza", "dog face", "sun", "thumbs up",

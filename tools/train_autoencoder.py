@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import yaml
@@ -26,50 +27,39 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from autoencoder import AutoencoderConfig, AutoencoderKL
-from common.errors import InputError
-from common.config import check_keys, coerce_numbers
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.metrics import psnr, ssim
 from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
-from ldm.cli import apply_overrides, autocast_dtype, pick_device, run_cli
 from common.config import read_yaml
+from common.errors import InputError
+from ldm.cli import apply_overrides, autocast_dtype, pick_device, run_cli, training_parser
 from ldm.data.images import ImageFolder, build_image_dataset, split_held_out
 from ldm.data.order import ResumableBatchSampler, SeededItems
-from ldm.training.ema import EMA
 from ldm.formats.loading import save_autoencoder
+from ldm.training.checkpoints import checkpoint_to_resume, write_checkpoint_dir
+from ldm.training.config import BaseTrainConfig
+from ldm.training.ema import EMA
 from ldm.training.metrics_log import MetricsLog
-from ldm.training.checkpoints import latest_checkpoint, write_checkpoint_dir
 
 
 @dataclass
-class TrainConfig:
+class AutoencoderTrainConfig(BaseTrainConfig):
+    """The `train` section (the fields all trainers share are in BaseTrainConfig)."""
+
     image_size: int = 256
     batch_size: int = 4
     base_lr: float = 4.5e-6
     scale_lr: bool = True          # lr = base_lr * batch_size (the original scripts' rule)
-    adam_betas: tuple[float, float] = (0.5, 0.9)
+    adam_betas: tuple[float, float] = (0.5, 0.9)  # the original scripts' Adam betas
     max_steps: int = 100_000
     ema_decay: float = 0.999
-    ema_start: int = 0
     held_out: int = 16
-    log_every: int = 50
     eval_every: int = 1000
-    sample_every: int = 1000
     ckpt_every: int = 2000
-    keep_checkpoints: int = 2
-    num_workers: int = 2
-    precision: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     random_crop: bool = True
     random_flip: bool = True
-    seed: int = 0
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        check_keys(cls, d, "train")
-        config = cls(**d)
-        coerce_numbers(config, "train")
-        config.adam_betas = tuple(float(b) for b in config.adam_betas)
-        return config
+    at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "log_every", "eval_every", "sample_every", "ckpt_every")
 
     @property
     def lr(self) -> float:
@@ -77,19 +67,15 @@ class TrainConfig:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="configs/autoencoder/tiny.yaml", help="YAML with model/loss/train sections")
-    p.add_argument("--data", required=True, help="image folder, or webdataset shards like 'data/{000000..000009}.tar'")
-    p.add_argument("--val-data", default=None, help="held-out images (folder or shards); default: split from --data")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics.csv)")
-    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("overrides", nargs="*", help="config overrides section.key=value, e.g. train.batch_size=8")
-    return p.parse_args()
+    return training_parser(
+        __doc__, config="configs/autoencoder/tiny.yaml", config_help="YAML with model/loss/train sections",
+        data_help="image folder, or webdataset shards like 'data/{000000..000009}.tar'", data_required=True,
+        other_input=("--val-data", "held-out images (folder or shards); default: split from --data"),
+        out_help="run folder (checkpoints, samples, metrics.csv)", devices="auto, cpu, cuda, cuda:N, mps",
+        override_example="train.batch_size=8", show_defaults=True).parse_args()
 
 
-def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, LossConfig, TrainConfig]:
+def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, LossConfig, AutoencoderTrainConfig]:
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     for section in ("model", "loss", "train"):
         raw.setdefault(section, {})
@@ -97,7 +83,7 @@ def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, Los
         raw["train"]["max_steps"] = args.max_steps
     model_cfg = AutoencoderConfig.from_dict(raw["model"])
     loss_cfg = LossConfig.from_dict(raw["loss"])
-    train_cfg = TrainConfig.from_dict(raw["train"])
+    train_cfg = AutoencoderTrainConfig.from_dict(raw["train"])
     f = model_cfg.downsampling_factor
     if train_cfg.image_size % f:
         raise InputError(f"train.image_size={train_cfg.image_size} is not divisible by the downsampling factor {f}; "
@@ -105,7 +91,7 @@ def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, Los
     return raw, model_cfg, loss_cfg, train_cfg
 
 
-def open_data(args, cfg: TrainConfig):
+def open_data(args, cfg: AutoencoderTrainConfig):
     """(training dataset, held-out images, the source dataset for skip counts); checks the data first."""
     size = cfg.image_size
     source = train = build_image_dataset(args.data, size, train=True, random_crop=cfg.random_crop,
@@ -131,7 +117,7 @@ def open_data(args, cfg: TrainConfig):
     return train, torch.stack([item["image"] for item in held]), source
 
 
-def batches(train, cfg: TrainConfig, start_step: int):
+def batches(train, cfg: AutoencoderTrainConfig, start_step: int):
     """Endless training batches from `start_step` on.
 
     A folder's order is a pure function of (seed, step) (see ldm/data_order.py), so a resumed run
@@ -175,11 +161,9 @@ def main() -> None:
     amp_dtype = autocast_dtype(cfg.precision, device)
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_root) if args.resume else None
+    resume_from = checkpoint_to_resume(ckpt_root, resume=args.resume)
     if args.resume and resume_from is None:
         print(f"--resume: no complete checkpoint in {ckpt_root}; starting from scratch")
-    if not args.resume and latest_checkpoint(ckpt_root) is not None:
-        raise InputError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     train_data, held_images, source = open_data(args, cfg)

@@ -1,6 +1,7 @@
 """Small helpers shared by the command lines in tools/: overrides, device choice, clean errors."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Callable
 
@@ -27,6 +28,26 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
         # A key the YAML leaves out may be set; the typed config then refuses unknown names.
         node[keys[-1]] = yaml.safe_load(text)
     return config
+
+
+def training_parser(description: str, *, config: str, config_help: str, data_help: str, data_required: bool,
+                    other_input: tuple[str, str], out_help: str, devices: str, override_example: str,
+                    show_defaults: bool) -> argparse.ArgumentParser:
+    """The trainers' command line: --config, --data, one more input of the tool's (`other_input`: flag, help;
+    default None), --out, --max-steps, --resume, --device and the `section.key=value` overrides.
+
+    `show_defaults` appends each default to its help; otherwise the description keeps its line breaks."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter if show_defaults else argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=description, formatter_class=formatter)
+    p.add_argument("--config", default=config, help=config_help)
+    p.add_argument("--data", default=None, required=data_required, help=data_help)
+    p.add_argument(other_input[0], default=None, help=other_input[1])
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--device", default="auto", help=devices)
+    p.add_argument("overrides", nargs="*", help=f"config overrides section.key=value, e.g. {override_example}")
+    return p
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -17,13 +17,12 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from common.errors import InputError
-
 from ldm import samplers
-from ldm.denoisers.attention import BACKENDS, set_attention_backend
 from ldm.cli import autocast_dtype, pick_device
+from ldm.denoisers.attention import BACKENDS, set_attention_backend
 from ldm.formats.loading import DEFAULT_MODEL, load_model
-from ldm.model import LatentDiffusion
 from ldm.images import make_grid
+from ldm.model import LatentDiffusion
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common.errors import InputError
 from autoencoder.modules import is_channels_last
-
+from common.errors import InputError
 from ldm.denoisers.conv import Conv2d
 
 BACKENDS = ("sdpa", "xformers", "math")

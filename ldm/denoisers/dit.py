@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 
 from common.config import coerce_numbers
 from common.errors import InputError
-
 from ldm.denoisers.attention import CrossAttention
 from ldm.denoisers.embeddings import timestep_embedding
 

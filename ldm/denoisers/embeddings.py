@@ -1,6 +1,8 @@
 """Embeddings shared by the denoisers."""
 from __future__ import annotations
+
 import math
+
 import torch
 
 

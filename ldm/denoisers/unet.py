@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from autoencoder.modules import is_channels_last
 from common.config import check_keys, coerce_numbers
 from common.errors import InputError
-from autoencoder.modules import is_channels_last
-
 from ldm.denoisers.attention import SpatialTransformer
 from ldm.denoisers.conv import Conv2d
 from ldm.denoisers.embeddings import timestep_embedding

@@ -4,8 +4,16 @@
     (`parameterization.py`) -> loss (`loss.py`); every table comes from a `NoiseSchedule` (`schedule.py`).
 """
 from ldm.diffusion.loss import diffusion_loss, min_snr_weight
-from ldm.diffusion.parameterization import (PARAMETERIZATIONS, ModelFn, check_parameterization, eps_from_x0,
-                                            model_target, predict_eps, predict_x0, x0_from_eps)
+from ldm.diffusion.parameterization import (
+                                            PARAMETERIZATIONS,
+                                            ModelFn,
+                                            check_parameterization,
+                                            eps_from_x0,
+                                            model_target,
+                                            predict_eps,
+                                            predict_x0,
+                                            x0_from_eps,
+)
 from ldm.diffusion.process import extract, noise_to_level, noise_to_sigma, q_posterior, q_sample
 from ldm.diffusion.schedule import BETA_SCHEDULES, NoiseSchedule
 

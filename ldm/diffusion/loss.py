@@ -1,10 +1,12 @@
 """The DDPM training objective on latents, with min-SNR-gamma weighting and offset noise."""
 from __future__ import annotations
+
 import torch
+
 from common.errors import InputError
-from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.parameterization import ModelFn, check_parameterization, model_target
 from ldm.diffusion.process import extract, q_sample
+from ldm.diffusion.schedule import NoiseSchedule
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:

@@ -10,7 +10,6 @@ import torch
 
 from common.errors import InputError
 
-
 PARAMETERIZATIONS = ("eps", "v", "x0")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

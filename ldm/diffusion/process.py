@@ -1,7 +1,9 @@
 """The forward process q(x_t | x_0) and its posterior (DDPM eqs. 4, 6-7), as pure functions of a NoiseSchedule
 or of one noise level."""
 from __future__ import annotations
+
 import torch
+
 from ldm.diffusion.schedule import NoiseSchedule
 
 

@@ -10,14 +10,20 @@ from typing import Any
 import torch
 
 from autoencoder import AutoencoderConfig, AutoencoderKL
+from common.checkpoint import (
+    FORMAT,
+    empty_parameters,
+    load_state_dict_checked,
+    read_checkpoint,
+    save_checkpoint,
+    strip_prefix,
+)
+from common.config import read_yaml
 from common.errors import InputError
-
-from common.checkpoint import FORMAT, empty_parameters, load_state_dict_checked, read_checkpoint, save_checkpoint, strip_prefix
 from ldm.config import LDMConfig
 from ldm.formats.configs import from_original_config, ldm_config_from_dict, load_ldm_config
-from common.config import read_yaml
-from ldm.model import LatentDiffusion
 from ldm.formats.original_configs import infer_original_config
+from ldm.model import LatentDiffusion
 from ldm.text.keymaps import hf_clip_to_open_clip
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"  # ldm/weights/

@@ -16,7 +16,6 @@ from typing import Any, Callable
 import torch
 
 from common.errors import InputError
-
 from ldm.diffusion.parameterization import ModelFn
 from ldm.diffusion.process import noise_to_level, noise_to_sigma
 from ldm.diffusion.schedule import NoiseSchedule

@@ -15,9 +15,6 @@ from common.errors import InputError
 from ldm.text.encoders import LAYERS, OpenCLIPTextEncoder, SmallTextEncoder
 from ldm.text.tokenizer import EOT_TOKEN, VOCAB_SIZE
 
-
-
-
 ORIGINAL_TARGETS = ("ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                     "ldm.modules.encoders.modules.FrozenCLIPEmbedder")
 

@@ -22,7 +22,6 @@ from torch import nn
 from common.errors import InputError
 from ldm.text.tokenizer import VOCAB_SIZE, tokenize
 
-
 LAYERS = ("last", "penultimate")
 
 

@@ -1,13 +1,15 @@
 """Checkpoint key maps for text towers: open_clip files, and SD 1.x's Hugging Face CLIP layout."""
 from __future__ import annotations
+
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
-import torch
-from common.errors import InputError
-from common.checkpoint import load_state_dict_checked, read_checkpoint
-from ldm.text.encoders import OpenCLIPTextEncoder
 
+import torch
+
+from common.checkpoint import load_state_dict_checked, read_checkpoint
+from common.errors import InputError
+from ldm.text.encoders import OpenCLIPTextEncoder
 
 _UNUSED_OPEN_CLIP_KEYS = ("text_projection", "logit_scale", "logit_bias")  # not used for conditioning
 

@@ -1,10 +1,14 @@
 """The CLIP BPE tokenizer (Radford et al. 2021), as open_clip and SD use it."""
 from __future__ import annotations
+
 import functools
 import warnings
 from typing import Any, Sequence
+
 import torch
+
 from common.errors import InputError
+
 SOT_TOKEN, EOT_TOKEN, VOCAB_SIZE = 49406, 49407, 49408
 
 

@@ -11,10 +11,14 @@ import re
 import shutil
 from pathlib import Path
 from typing import Callable
+
 import torch
 from torch import nn
+
 from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
+from common.errors import InputError
 from ldm.model import LatentDiffusion
+from ldm.training.distributed import state_of
 from ldm.training.ema import EMA
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -54,6 +58,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_to_resume(root: Path, *, resume: bool) -> Path | None:
+    """With --resume, the newest complete checkpoint under `root` (None: there is none yet). Without it,
+    an InputError if the run folder already holds one: a new run never mixes with an old one."""
+    latest = latest_checkpoint(root)
+    if not resume and latest is not None:
+        raise InputError(f"{root.parent} already holds checkpoints: pass --resume to continue, or choose a new --out")
+    return latest if resume else None
+
+
 def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, trainable_state: dict[str, torch.Tensor],
                               ema: EMA, optimizer: torch.optim.Optimizer, scaler, *, keep: int) -> Path:
     """Rank 0: `model.safetensors` (raw), `ema.safetensors` (EMA weights: the one to use), `train_state.pt`.
@@ -73,6 +86,17 @@ def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, tra
                     "ema_num_updates": ema.num_updates}, folder / "train_state.pt")
 
     return write_checkpoint_dir(root, step, write, keep=keep)
+
+
+def save_training_checkpoint(root: Path, step: int, model: LatentDiffusion, net: nn.Module, ema: EMA,
+                             optimizer: torch.optim.Optimizer, scaler, *, keep: int, is_main: bool) -> None:
+    """Called on every rank: each gathers the trained weights (a collective under FSDP), rank 0 writes
+    them with `write_training_checkpoint`, and all ranks wait until it has."""
+    trainable_state = state_of(net)
+    if is_main:
+        write_training_checkpoint(root, step, model, trainable_state, ema, optimizer, scaler, keep=keep)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _merged_state(model: LatentDiffusion, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

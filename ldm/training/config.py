@@ -1,58 +1,84 @@
-"""The typed training config of tools/train_ldm.py, and its learning-rate schedule."""
+"""The typed `train` sections of the trainers (their shared fields and checks), and the LDM learning-rate schedule."""
 from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
+
 from common.config import check_keys, coerce_numbers
 from common.errors import InputError
 
+Config = TypeVar("Config", bound="BaseTrainConfig")
+
 
 @dataclass
-class TrainConfig:
+class BaseTrainConfig:
+    """The fields every trainer's `train` section has, with the defaults they share, and `from_dict`.
+
+    Each trainer subclasses it with its own fields (and its own sizes: image size, batch, steps, EMA decay)."""
+
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    ema_start: int = 0
+    precision: str = "auto"             # auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16 (with a grad scaler)
+    log_every: int = 50
+    sample_every: int = 1000
+    keep_checkpoints: int = 2
+    num_workers: int = 2
+    seed: int = 0
+
+    at_least_one: ClassVar[tuple[str, ...]] = ()  # sizes and periods: 0 would divide by zero or train nothing
+
+    @classmethod
+    def from_dict(cls: type[Config], d: dict[str, Any]) -> Config:
+        """The section from its YAML mapping: unknown keys, non-numbers and bad values are one-line InputErrors."""
+        check_keys(cls, d, "train")
+        config = cls(**d)
+        coerce_numbers(config, "train")
+        config.adam_betas = tuple(float(b) for b in config.adam_betas)
+        for name in cls.at_least_one:
+            if getattr(config, name) < 1:
+                raise InputError(f"train config: {name} must be >= 1, got {getattr(config, name)}")
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """A trainer's own checks, after the shared ones (InputError on a bad value)."""
+
+
+@dataclass
+class TrainConfig(BaseTrainConfig):
+    """tools/train_ldm.py's `train` section."""
+
     image_size: int = 32
     batch_size: int = 16                # per process
     grad_accum: int = 1
     lr: float = 1e-4
     warmup_steps: int = 500
     weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     max_steps: int = 10_000
     ema_decay: float = 0.9999
-    ema_start: int = 0
-    precision: str = "auto"             # auto (bf16 on CUDA), fp32, bf16, fp16 (with a grad scaler)
     gradient_checkpointing: bool = False
     fsdp: bool = False                  # shard the denoiser (CUDA); DDP otherwise
     caption_dropout: float = 0.1        # the empty caption, for classifier-free guidance
     loss_type: str = "l2"
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
-    log_every: int = 50
-    sample_every: int = 1000
     ckpt_every: int = 1000
-    keep_checkpoints: int = 2
     log_sample_keys: bool = False       # write OUT/sample_keys/rank{r}.tsv: keys seen and a weight checksum per step
-    num_workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = True              # endless shards drawn with replacement; false: split by rank, once per pass
-    seed: int = 0
     sample_prompts: list[str] = field(default_factory=lambda: ["a red apple", "a yellow star"])
     sample_steps: int = 25
     sample_scale: float = 5.0
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        check_keys(cls, d, "train")
-        config = cls(**d)
-        coerce_numbers(config, "train")
-        config.adam_betas = tuple(float(b) for b in config.adam_betas)
-        if config.min_snr_gamma is not None:
-            config.min_snr_gamma = float(config.min_snr_gamma)
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "sample_every", "ckpt_every"):
-            if getattr(config, name) < 1:
-                raise InputError(f"train config: {name} must be >= 1, got {getattr(config, name)}")
-        if not 0 <= config.caption_dropout <= 1:
-            raise InputError(f"train config: caption_dropout must be in [0, 1], got {config.caption_dropout}")
-        return config
+    at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "grad_accum", "max_steps", "log_every", "sample_every",
+                                               "ckpt_every")
+
+    def check(self) -> None:
+        if self.min_snr_gamma is not None:
+            self.min_snr_gamma = float(self.min_snr_gamma)
+        if not 0 <= self.caption_dropout <= 1:
+            raise InputError(f"train config: caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

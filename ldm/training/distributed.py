@@ -1,7 +1,9 @@
 """torchrun process setup (DDP on NCCL for GPUs, gloo for CPU) and cross-rank helpers."""
 from __future__ import annotations
+
 import os
 from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
