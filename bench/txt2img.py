@@ -74,7 +74,7 @@ def build_default():
     """(model, description): the embedded default model, or its architecture with random weights."""
     import ldm
     from common.config import read_yaml
-    from ldm.formats.loading import DEFAULT_MODEL, load_model_config
+    from ldm.formats.loading import DEFAULT_MODEL, model_from_training_config
 
     if DEFAULT_MODEL.is_file():
         return ldm.load_model(), "default (trained weights)"
@@ -89,10 +89,7 @@ def build_default():
         ae_note = "random autoencoder"
     print(f"note: {DEFAULT_MODEL.relative_to(ROOT)} is missing: timing configs/ldm/emoji.yaml with a random UNet "
           f"and text encoder and a {ae_note}", file=sys.stderr, flush=True)
-    config, ae_state = load_model_config(section)
-    model = ldm.LatentDiffusion(config)
-    if ae_state is not None:
-        model.autoencoder.load_state_dict(ae_state)
+    model = model_from_training_config(section)
     refill_zero_parameters(model.denoiser)
     return model, f"emoji config, random UNet + text, {ae_note} (default.safetensors missing)"
 

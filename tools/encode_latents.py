@@ -25,7 +25,7 @@ from common.config import read_yaml
 from common.errors import InputError
 from ldm.cli import apply_overrides, pick_device, run_cli
 from ldm.data.captions import WebDatasetCaptions
-from ldm.formats.loading import load_model_config
+from ldm.formats.loading import model_from_training_config
 from ldm.model import LatentDiffusion
 
 
@@ -33,10 +33,7 @@ def build_model(config_path: str, overrides: list[str], device: torch.device) ->
     """The model exactly as tools/train_ldm.py builds it (same config, same seed)."""
     raw = apply_overrides(read_yaml(config_path), overrides)
     torch.manual_seed(int((raw.get("train") or {}).get("seed", 0)))
-    model_config, autoencoder_state = load_model_config(raw.get("model") or {})
-    model = LatentDiffusion(model_config)
-    if autoencoder_state is not None:
-        model.autoencoder.load_state_dict(autoencoder_state)
+    model = model_from_training_config(raw.get("model") or {})
     return model.to(device).eval(), raw
 
 

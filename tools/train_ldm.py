@@ -30,7 +30,7 @@ from common.config import read_yaml
 from common.errors import InputError
 from ldm import diffusion
 from ldm.cli import apply_overrides, autocast_dtype, run_cli, training_parser
-from ldm.formats.loading import load_model_config
+from ldm.formats.loading import model_from_training_config
 from ldm.images import make_grid
 from ldm.model import LatentDiffusion
 from ldm.training.checkpoints import (
@@ -137,12 +137,9 @@ def main() -> None:
 
 def build_model(raw: dict, cfg: TrainConfig, device: torch.device) -> LatentDiffusion:
     """The config's model, its autoencoder loaded (when the config names a checkpoint) and frozen."""
-    model_config, autoencoder_state = load_model_config(raw.get("model") or {})
-    model = LatentDiffusion(model_config)
+    model = model_from_training_config(raw.get("model") or {})
     if model.denoiser is None or model.text_encoder is None:
         raise InputError("model config: training needs a denoiser and a text_encoder section")
-    if autoencoder_state is not None:
-        model.autoencoder.load_state_dict(autoencoder_state)
     model.autoencoder.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         for module in model.denoiser.modules():

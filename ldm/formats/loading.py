@@ -168,16 +168,23 @@ def load_autoencoder(path: str | Path, config: Any = None, device: str | torch.d
     return load_model(path, config=config, device=device, dtype=dtype).autoencoder
 
 
-def load_model_config(raw: dict[str, Any]):
-    """`model:` section -> (LDMConfig, frozen autoencoder state dict or None)."""
-    section = dict(raw)
-    ae_state = None
+def model_from_training_config(section: dict[str, Any]) -> LatentDiffusion:
+    """A new `LatentDiffusion` from the `model:` section of a training config (`configs/ldm/*.yaml`).
+
+    The section is `LDMConfig` fields (`diffusion:` flattened in) with either an `autoencoder:`
+    config or `autoencoder_ckpt:`, a trained first stage whose config and weights are taken. The
+    denoiser and text encoder are newly initialised (from the global RNG, as `torch.manual_seed` left it).
+    """
+    section = dict(section)
     ae_ckpt = section.pop("autoencoder_ckpt", None)
     diffusion = dict(section.pop("diffusion", None) or {})
+    autoencoder = None
     if ae_ckpt:
         autoencoder = load_autoencoder(ae_ckpt)
         section["autoencoder"] = autoencoder.config.to_dict()
-        ae_state = autoencoder.state_dict()
     elif "autoencoder" not in section:
         raise InputError("model config: give autoencoder_ckpt (a trained autoencoder) or an autoencoder section")
-    return ldm_config_from_dict({**section, **diffusion}), ae_state
+    model = LatentDiffusion(ldm_config_from_dict({**section, **diffusion}))
+    if autoencoder is not None:
+        model.autoencoder.load_state_dict(autoencoder.state_dict())
+    return model
