@@ -17,13 +17,13 @@ from tqdm import tqdm
 from autoencoder.scale_factor import estimate_scale_factor
 from common.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from common.errors import InputError
-from ldm.cli import pick_device, run_cli
+from ldm.cli import HelpFormatter, pick_device, run_cli
 from ldm.data.images import build_image_dataset
 from ldm.formats.loading import load_autoencoder
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="autoencoder checkpoint (ours, .safetensors)")
     p.add_argument("--config", default=None, help="config for an original-format checkpoint")
     p.add_argument("--data", required=True, help="image folder or webdataset shards")

@@ -19,12 +19,12 @@ import yaml
 
 import ldm
 from common.checkpoint import save_checkpoint
-from ldm.cli import run_cli
+from ldm.cli import HelpFormatter, run_cli
 from ldm.formats.original_configs import to_original_config, to_original_state_dict
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("input", help="checkpoint to read (.safetensors or .ckpt, ours or original)")
     p.add_argument("output", help="file to write (.safetensors or .ckpt)")
     p.add_argument("--to", choices=("ours", "original"), default="ours", help="format to write")

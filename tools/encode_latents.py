@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from common.config import read_yaml
 from common.errors import InputError
-from ldm.cli import apply_overrides, pick_device, run_cli
+from ldm.cli import HelpFormatter, apply_overrides, pick_device, run_cli
 from ldm.data.captions import WebDatasetCaptions
 from ldm.formats.loading import model_from_training_config
 from ldm.model import LatentDiffusion
@@ -48,7 +48,7 @@ def encode_batch(model: LatentDiffusion, images: torch.Tensor, captions: list[st
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="the training config (its model section)")
     p.add_argument("--data", required=True, help="image-caption shards")
     p.add_argument("--out", required=True, help="output shard pattern with %%d, e.g. 'latents/%%06d.tar'")

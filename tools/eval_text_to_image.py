@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 import ldm
 from common.errors import InputError
-from ldm.cli import run_cli
+from ldm.cli import HelpFormatter, run_cli
 from ldm.data.captions import WebDatasetCaptions
 from ldm.pipeline import native_size
 
@@ -128,7 +128,7 @@ def labelled_grid(model, prompts: list[str], *, seed: int, steps: int, sampler: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None, help="model file; default: the embedded default model")
     p.add_argument("--data", required=True, help="the model's training shards (captioned images)")
     p.add_argument("--captions", type=int, default=50, help="distinct training captions to prompt with")

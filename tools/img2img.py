@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ldm import InputError
-from ldm.cli import run_cli
+from ldm.cli import HelpFormatter, run_cli
 from ldm.cli.generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
 
 
@@ -34,7 +34,7 @@ def open_image(path: str, what: str) -> Image.Image:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_generation_args(p, outdir="outputs/img2img-samples")
     p.add_argument("--init-img", required=True, help="the image to start from")
     p.add_argument("--strength", type=float, default=0.75, help="how much to change it, in (0, 1]")

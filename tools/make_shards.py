@@ -40,7 +40,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from common.errors import InputError
-from ldm.cli import run_cli
+from ldm.cli import HelpFormatter, run_cli
 from ldm.data.images import list_images, open_image, to_rgb
 
 SKIP_REASONS = ("missing file", "missing caption", "unreadable caption", "unreadable image")
@@ -195,7 +195,7 @@ def prepare_output(pattern: str, *, overwrite: bool) -> Path:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("src", metavar="SRC", help="folder of images with same-stem .txt captions, or a .csv / .jsonl")
     p.add_argument("pattern", metavar="OUT_PATTERN", help="shard file names, like shards/%%06d.tar")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.errors import InputError
-from ldm.cli import run_cli
+from ldm.cli import HelpFormatter, run_cli
 from ldm.data.images import to_rgb
 
 PACKAGES = ("emoji-datasource", "emoji-datasource-twitter", "emoji-datasource-google")
@@ -92,7 +92,7 @@ def is_held_out(key: str, fraction: float) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--fetch", default=None, help="only download the three npm tarballs into this folder")
     p.add_argument("--meta", help="emoji-datasource-*.tgz (emoji.json)")
     p.add_argument("--art", nargs="+", help="emoji-datasource-twitter-*.tgz and/or emoji-datasource-google-*.tgz")

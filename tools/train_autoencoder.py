@@ -72,7 +72,7 @@ def parse_args() -> argparse.Namespace:
         data_help="image folder, or webdataset shards like 'data/{000000..000009}.tar'", data_required=True,
         other_input=("--val-data", "held-out images (folder or shards); default: split from --data"),
         out_help="run folder (checkpoints, samples, metrics.csv)", devices="auto, cpu, cuda, cuda:N, mps",
-        override_example="train.batch_size=8", show_defaults=True).parse_args()
+        override_example="train.batch_size=8").parse_args()
 
 
 def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, LossConfig, AutoencoderTrainConfig]:

@@ -51,8 +51,7 @@ def parse_args() -> argparse.Namespace:
         __doc__, config="configs/ldm/tiny.yaml", config_help="YAML with model and train sections",
         data_help="image-caption shards, e.g. 'shards/{000000..000009}.tar'", data_required=False,
         other_input=("--latents", "precomputed latent shards from tools/encode_latents.py instead"),
-        out_help="run folder", devices="auto, cpu, cuda", override_example="train.lr=2e-4",
-        show_defaults=False).parse_args()
+        out_help="run folder", devices="auto, cpu, cuda", override_example="train.lr=2e-4").parse_args()
 
 
 def main() -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from ldm.cli import run_cli
+from ldm.cli import HelpFormatter, run_cli
 from ldm.cli.generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_generation_args(p, outdir="outputs/txt2img-samples")
     p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
     p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")

@@ -30,15 +30,17 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     return config
 
 
-def training_parser(description: str, *, config: str, config_help: str, data_help: str, data_required: bool,
-                    other_input: tuple[str, str], out_help: str, devices: str, override_example: str,
-                    show_defaults: bool) -> argparse.ArgumentParser:
-    """The trainers' command line: --config, --data, one more input of the tool's (`other_input`: flag, help;
-    default None), --out, --max-steps, --resume, --device and the `section.key=value` overrides.
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every tool's --help: the description (the module docstring) keeps its line breaks, and each
+    option shows its default."""
 
-    `show_defaults` appends each default to its help; otherwise the description keeps its line breaks."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter if show_defaults else argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=description, formatter_class=formatter)
+
+def training_parser(description: str, *, config: str, config_help: str, data_help: str, data_required: bool,
+                    other_input: tuple[str, str], out_help: str, devices: str,
+                    override_example: str) -> argparse.ArgumentParser:
+    """The trainers' command line: --config, --data, one more input of the tool's (`other_input`: flag, help;
+    default None), --out, --max-steps, --resume, --device and the `section.key=value` overrides."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--config", default=config, help=config_help)
     p.add_argument("--data", default=None, required=data_required, help=data_help)
     p.add_argument(other_input[0], default=None, help=other_input[1])
