@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,10 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         coerce_numbers(self, "autoencoder")
+        for f in dataclasses.fields(self):  # NaN passes no range check below, and inf passes some
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"autoencoder config: {f.name} must be a finite number, got {value}")
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if not self.ch_mult:
@@ -48,6 +53,8 @@ class AutoencoderConfig:
             raise InputError("autoencoder config: double_z must be true for a KL autoencoder (mean and logvar)")
         if self.scale_factor <= 0:
             raise InputError(f"autoencoder config: scale_factor must be > 0, got {self.scale_factor}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"autoencoder config: dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def downsampling_factor(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +45,17 @@ class LDMConfig:
         if self.text_encoder is not None and not isinstance(self.text_encoder, TextEncoderConfig):
             self.text_encoder = TextEncoderConfig.from_dict(self.text_encoder)
         coerce_numbers(self, "model")
+        for section, name in ((self, "model"), (self.denoiser, "denoiser"), (self.text_encoder, "text_encoder")):
+            _check_finite(section, name)
         if self.parameterization not in PARAMETERIZATIONS:
             raise InputError(f"parameterization {self.parameterization!r} is not one of {', '.join(PARAMETERIZATIONS)}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise InputError(f"beta_schedule {self.beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
         if self.timesteps < 1:
             raise InputError(f"timesteps must be >= 1, got {self.timesteps}")
+        for name in ("linear_start", "linear_end"):  # betas of the linear schedules: probabilities of noise
+            if not 0 < getattr(self, name) < 1:
+                raise InputError(f"{name} must be in (0, 1) (SD: 0.00085 and 0.012), got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -67,3 +73,11 @@ class LDMConfig:
         return cls(**d)
 
 
+def _check_finite(section: Any, name: str) -> None:
+    """InputError naming a float field of a config section that is NaN or infinite (NaN passes every range check)."""
+    if section is None or not dataclasses.is_dataclass(section):
+        return
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{name} config: {f.name} must be a finite number, got {value}")

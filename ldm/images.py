@@ -1,9 +1,39 @@
-"""PIL images <-> tensors: the one conversion between pixels and the model's [-1, 1] range."""
+"""PIL images <-> tensors: the one way pixels are read and brought to the model's [-1, 1] range, for
+generation (init images, masks) and training data (`ldm.data.images`) alike."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def open_image(source: str | Path | IO[bytes]) -> Image.Image:
+    """An image file, upright (EXIF rotation applied). Decoded fully now, so corrupt or truncated data fails
+    here, inside the caller's error handling."""
+    with Image.open(source) as image:
+        image.load()
+        return ImageOps.exif_transpose(image)  # photos stored sideways with an EXIF rotation tag
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """32-bit and 16-bit integer grayscale ("I", "I;16", "I;16B", ...) -> "L", scaled by 1/256 (65535 -> 255);
+    any other mode as it is. Pillow's own conversion clips such values at 255: near-white images."""
+    if not image.mode.startswith("I"):
+        return image
+    return Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit grayscale scaled (`to_8_bit`), transparent pixels composited on white."""
+    image = to_8_bit(image)
+    if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -13,18 +43,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) float32 in [-1, 1] (alpha composited on white)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    """PIL image, any mode (`to_rgb`) -> (1, 3, H, W) float32 in [-1, 1]: pixel / 127.5 - 1, as training reads it."""
+    array = np.asarray(to_rgb(image), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
-    """Mask image (white = repaint, black = keep) -> (1, 1, H, W) float in {0, 1}, 1 = repaint."""
-    array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    """Mask image (white = repaint, black = keep; 16-bit too) -> (1, 1, H, W) float in {0, 1}, 1 = repaint."""
+    array = np.asarray(to_8_bit(mask).convert("L"), dtype=np.float32) / 255.0
     return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
 
 

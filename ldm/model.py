@@ -7,6 +7,8 @@ layer over the model, and this module never imports it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -18,6 +20,13 @@ from ldm.denoisers import build_denoiser
 from ldm.denoisers.attention import fuse_qkv_projections
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.text import build_text_encoder
+
+
+def check_finite_options(**options: float) -> None:
+    """InputError naming the first option that is NaN or infinite (NaN passes every `<` / `>` range check)."""
+    for name, value in options.items():
+        if not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value}")
 
 
 class LatentDiffusion(nn.Module):
@@ -99,6 +108,8 @@ class LatentDiffusion(nn.Module):
         """
         if self.denoiser is None:
             raise InputError("this model has no denoiser, so it cannot sample; load a full latent diffusion checkpoint")
+        check_finite_options(guidance_scale=guidance_scale, eta=eta, guidance_rescale=guidance_rescale,
+                             strength=strength)
         if cond.shape[0] != x_T.shape[0]:
             raise InputError(f"cond has batch {cond.shape[0]} but x_T has batch {x_T.shape[0]}; give one context per sample")
         given = 0 if concat is None else concat.shape[1]

@@ -1,19 +1,26 @@
 """Text-to-image, image-to-image and inpainting: prompts in, PIL images out.
 
     text -> text encoder -> (cond, uncond) -> sampler loop on x_T -> / scale_factor -> decoder -> uint8
+
+Each batch's latents and pixels are checked once for NaN / inf, so that corrupt weights or a float16
+overflow never come out as black images (see `_finite`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from common.errors import InputError
-from ldm.images import image_to_tensor, mask_to_tensor, to_uint8
-from ldm.model import LatentDiffusion
+from ldm.images import image_to_tensor, mask_to_tensor, to_rgb, to_uint8
+from ldm.model import LatentDiffusion, check_finite_options
 
 MAX_SEED = 2 ** 32 - 1
 
@@ -56,6 +63,7 @@ def generate(model: LatentDiffusion, prompts: str | Sequence[str], *, negative_p
         raise InputError("no prompts given")
     if n_samples < 1 or batch_size < 1:
         raise InputError(f"n_samples and batch_size must be >= 1, got {n_samples} and {batch_size}")
+    check_finite_options(guidance_scale=guidance_scale, eta=eta, strength=strength)
     if seed is None:
         seed = random.randint(0, MAX_SEED)
     f = model.autoencoder.downsampling_factor
@@ -71,16 +79,28 @@ def generate(model: LatentDiffusion, prompts: str | Sequence[str], *, negative_p
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(n_samples))]
     uncond_text = negative_prompt or ""
     init = _prepare_init(model, init_image, mask, height, width, device, dtype)
+    sampling_parts = ("text_encoder", "denoiser") + (() if init is None else ("autoencoder.encoder",
+                                                                               "autoencoder.quant_conv"))
     images: list[Image.Image] = []
     chunk = batch_size
     start = 0
     while start < len(jobs):
         batch = jobs[start:start + chunk]
+
+        def sample(dtype: torch.dtype) -> torch.Tensor:
+            return _sample_batch(model, batch, uncond_text, init, height // f, width // f, steps=steps,
+                                 sampler=sampler, guidance_scale=guidance_scale, eta=eta, strength=strength,
+                                 callback=callback, device=device, dtype=dtype)
+
+        def decode(dtype: torch.dtype) -> torch.Tensor:
+            return model.decode_latents(latents.to(dtype))
+
         try:
-            latents = _sample_batch(model, batch, uncond_text, init, height // f, width // f, steps=steps,
-                                    sampler=sampler, guidance_scale=guidance_scale, eta=eta, strength=strength,
-                                    callback=callback, device=device, dtype=dtype)
-            pixels = model.decode_latents(latents)
+            latents = _finite(sample, dtype, "latents", "sampling (text encoder, denoiser and sampler)",
+                              _parts(model, *sampling_parts), device)
+            # no retry here: AutoencoderKL.decode itself decodes again in float32 after a 16-bit overflow
+            pixels = _finite(decode, dtype, "pixels", "decoding (autoencoder decoder)",
+                             _parts(model, "autoencoder.post_quant_conv", "autoencoder.decoder"), device, retry=False)
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise InputError("out of memory even for one image: lower the size, use --vae-tiling "
@@ -108,6 +128,7 @@ def _prepare_init(model, init_image, mask, height, width, device, dtype) -> dict
             raise InputError(f"the mask is {mask.width}x{mask.height} but the init image is "
                              f"{init_image.width}x{init_image.height}; give a mask of the same size")
         repaint = mask_to_tensor(mask.resize((width, height), Image.NEAREST)).to(device)
+    init_image = to_rgb(init_image)  # 16-bit and transparent images as training reads them
     if init_image.size != (width, height):
         init_image = init_image.resize((width, height), Image.LANCZOS)
     return {"pixels": image_to_tensor(init_image).to(device), "repaint": repaint,
@@ -142,6 +163,92 @@ def _sample_batch(model, batch, uncond_text, init, latent_h, latent_w, *, steps,
                             **kwargs)
     return model.sample(cond, uncond, x_T=x_T, init_latent=init_latent, strength=strength,
                         keep_mask=1 - latent_repaint, **kwargs)
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+Parts = list[tuple[str, nn.Module]]  # (the part's name in the model's state_dict, module)
+
+
+def _parts(model: LatentDiffusion, *names: str) -> Parts:
+    parts = [(name, functools.reduce(getattr, name.split("."), model)) for name in names]
+    return [(name, part) for name, part in parts if part is not None]
+
+
+def _finite(run: Callable[[torch.dtype], torch.Tensor], dtype: torch.dtype, what: str, stage: str, parts: Parts,
+            device: torch.device, *, retry: bool = True) -> torch.Tensor:
+    """`run(dtype)`, checked once for NaN / inf. Computed in 16 bits (weights or autocast), a non-finite result
+    is most likely an overflow: with `retry`, run again in float32 (warned once) and keep that if finite.
+    Otherwise an InputError naming the stage and the likely cause, a NaN / inf weight where one is found."""
+    out = run(dtype)
+    if bool(torch.isfinite(out).all()):  # the one read-back per batch and stage
+        return out
+    low = _low_precision(parts, device)
+    low_name = str(low).removeprefix("torch.")
+    if low is not None and retry:
+        with _in_float32(parts, device):
+            out = run(torch.float32)
+        if bool(torch.isfinite(out).all()):
+            warnings.warn(f"{low_name} overflowed in {stage} (NaN/inf {what}); ran that part again in float32",
+                          RuntimeWarning)
+            return out
+    precision = f"in {low_name} and again in float32" if low is not None else "in float32"
+    bad = _non_finite_weight(parts)
+    if bad is not None:
+        raise InputError(f"{stage} gave NaN/inf {what} {precision}: the {bad} holds NaN/inf, so the checkpoint is "
+                         "corrupt; check the checkpoint (download or convert it again)")
+    raise InputError(f"{stage} gave NaN/inf {what} {precision} with finite weights: likely weights out of range "
+                     "(a corrupt or wrongly converted checkpoint) or extreme settings (guidance scale); "
+                     "check the checkpoint")
+
+
+def _low_precision(parts: Parts, device: torch.device) -> torch.dtype | None:
+    """The 16-bit dtype the parts compute in (their weights' or autocast's), None for float32."""
+    for _, part in parts:
+        for tensor in part.parameters():
+            if tensor.dtype in LOW_PRECISION:
+                return tensor.dtype
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in LOW_PRECISION:
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+@contextlib.contextmanager
+def _in_float32(parts: Parts, device: torch.device) -> Iterator[None]:
+    """Autocast off, and the parts' 16-bit weights and buffers in float32 for the block; cast back afterwards,
+    which restores them exactly. One tensor at a time: a part holds its float32 size (twice its 16-bit one)
+    meanwhile, never both copies; the rest of the model stays as it is."""
+    cast = [(part, name, tensor.dtype) for _, part in parts
+            for name, tensor in [*part.named_parameters(remove_duplicate=False),
+                                 *part.named_buffers(remove_duplicate=False)] if tensor.dtype in LOW_PRECISION]
+
+    def set_dtype(part: nn.Module, name: str, dtype: torch.dtype) -> None:
+        owner_name, _, attribute = name.rpartition(".")
+        owner = part.get_submodule(owner_name)
+        tensor = getattr(owner, attribute)
+        with torch.inference_mode(False):  # ordinary tensors, so that training and load_state_dict still work
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = tensor.data.to(dtype)
+            else:
+                setattr(owner, attribute, tensor.to(dtype))
+
+    try:
+        for part, name, _ in cast:
+            set_dtype(part, name, torch.float32)
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        for part, name, dtype in cast:
+            set_dtype(part, name, dtype)
+
+
+def _non_finite_weight(parts: Parts) -> str | None:
+    """"weight NAME" (its state_dict key) for the first weight holding NaN / inf, or None. Buffers are left
+    out: some hold -inf by design (causal attention masks)."""
+    for prefix, part in parts:
+        for name, tensor in part.named_parameters():
+            if not bool(torch.isfinite(tensor).all()):
+                return f"weight {prefix}.{name}"
+    return None
 
 
 # The model's method: `LatentDiffusion.generate(prompts, ...)` is this function (the model never imports it).

@@ -4,7 +4,8 @@
     python tools/img2img.py --init-img sketch.png --prompt "a fantasy landscape" --strength 0.75
     python tools/img2img.py --init-img photo.png --mask mask.png --prompt "a red sofa"   # white = repaint
 
-The init image is resized to a multiple of the model's downsampling factor (8 for SD) if needed.
+The init image is read as the training data is (upright by its EXIF tag, 16-bit scaled to 8 bits,
+transparency on white) and resized to a multiple of the model's downsampling factor (8 for SD) if needed.
 `--strength` 1 starts from (almost) pure noise, small values stay close to the input. With
 `--mask`, only the white part is repainted: the black part is kept by re-noising the known latent
 at every step (any model), or through the extra input channels of an SD inpainting checkpoint.
@@ -20,17 +21,17 @@ from PIL import Image, UnidentifiedImageError
 from ldm import InputError
 from ldm.cli import HelpFormatter, run_cli
 from ldm.cli.generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
+from ldm.images import open_image, to_rgb
 
 
-def open_image(path: str, what: str) -> Image.Image:
+def read_image(path: str, what: str) -> Image.Image:
+    """The file as training reads it (`ldm.images.open_image`: upright by its EXIF tag)."""
     if not Path(path).is_file():
         raise InputError(f"{what} not found: {path}")
     try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as exc:
+        return open_image(path)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read {what} {path}: {exc}") from None
-    return image
 
 
 def main() -> None:
@@ -44,8 +45,8 @@ def main() -> None:
     if not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     prompts = read_prompts(args)
-    init = open_image(args.init_img, "init image")
-    mask = open_image(args.mask, "mask") if args.mask else None
+    init = to_rgb(read_image(args.init_img, "init image"))  # 16-bit scaled, transparency on white, as in training
+    mask = read_image(args.mask, "mask") if args.mask else None
     if mask is not None and mask.size != init.size:
         raise InputError(f"the mask is {mask.width}x{mask.height} but the init image is {init.width}x{init.height}; "
                          "give a mask of the same size")

@@ -5,8 +5,9 @@
     python tools/txt2img.py --prompt "a photo of a cat" --ckpt v1-5-pruned-emaonly.safetensors --H 512 --W 512
     python tools/txt2img.py --from-file prompts.txt --n_samples 4 --sampler dpmpp_2m_karras --steps 25
 
-Images go to OUTDIR/samples/NNNNN.png (never overwriting), with their parameters in a PNG text chunk
-so any image can be reproduced from its file; a grid per run goes to OUTDIR/grid-NNNN.png.
+Images go to OUTDIR/samples/NNNNN.png (never overwriting, even with several runs at once), with their
+parameters in a PNG text chunk so any image can be reproduced from its file; a grid per run goes to
+OUTDIR/grid-NNNN.png.
 Same arguments and seed give byte-identical images on the same machine.
 """
 from __future__ import annotations

@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import re
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -75,6 +78,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
+    for flag in ("scale", "ddim_eta", "strength"):  # argparse's float() takes "nan" and "inf"
+        value = getattr(args, flag, None)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{flag} must be a finite number, got {value}")
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     if args.scale < 0:
@@ -149,6 +156,40 @@ def next_index(folder: Path, pattern: str) -> int:
     return max(numbers, default=-1) + 1
 
 
+def save_numbered(folder: Path, name: str, first: int, data: bytes) -> tuple[Path, int]:
+    """Write `data` to a new file `name.format(n)` for the first free n >= `first`; (path, n).
+
+    Never replaces a file, even with other processes writing to the folder at the same time: the name is
+    claimed by an exclusive create (a name already taken moves on to n + 1), and the data goes to a hidden
+    temporary file in the same folder that is then renamed onto the claimed name, so a reader never sees a
+    partial file and an error leaves neither file behind.
+    """
+    n = first
+    while True:
+        path = folder / name.format(n)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            n += 1
+    temporary = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temporary, "xb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
+    return path, n
+
+
+def png_bytes(image: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=pnginfo)
+    return buffer.getvalue()
+
+
 def png_info(image: Image.Image, params: dict[str, Any]) -> PngImagePlugin.PngInfo:
     """A "parameters" text chunk in the layout other SD tools read, plus the full record as JSON."""
     record = {"prompt": image.info["prompt"], "negative_prompt": image.info["negative_prompt"],
@@ -193,14 +234,14 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
             params = {"steps": args.steps, "sampler": args.sampler, "scale": args.scale, "eta": args.ddim_eta,
                       "width": width, "height": height, "model_hash": digest,
                       **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}
-            for k, image in enumerate(images):
-                path = sample_dir / f"{index + k:05d}.png"
-                image.save(path, pnginfo=png_info(image, params))
+            for image in images:  # numbered on from `index`, past any name another process took meanwhile
+                path, index = save_numbered(sample_dir, "{:05d}.png", index, png_bytes(image, png_info(image, params)))
                 written.append(path)
+                index += 1
             if args.grid and len(images) > 1:
-                grid_index = next_index(outdir, r"grid-(\d+)\.png")
-                grid_path = outdir / f"grid-{grid_index:04d}.png"
-                make_grid(images, columns=args.n_samples if len(prompts) > 1 else min(len(images), 4)).save(grid_path)
+                grid = make_grid(images, columns=args.n_samples if len(prompts) > 1 else min(len(images), 4))
+                grid_path, _ = save_numbered(outdir, "grid-{:04d}.png", next_index(outdir, r"grid-(\d+)\.png"),
+                                             png_bytes(grid))
                 written.append(grid_path)
     finally:
         bar.close()
