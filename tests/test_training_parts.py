@@ -1,7 +1,8 @@
 """Pieces of the training loop: EMA, the trained module, the train config, the resumable batch order, run
-checkpoints, the scale factor."""
+checkpoints (and resuming past a damaged one), the metrics log, the scale factor."""
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 
@@ -12,11 +13,19 @@ from torch import nn
 import ldm
 from autoencoder import AutoencoderKL
 from autoencoder.scale_factor import estimate_scale_factor
+from common.checkpoint import save_checkpoint, save_pickle
 from common.errors import InputError
 from ldm.data.order import ResumableBatchSampler, SeededItems
-from ldm.training.checkpoints import checkpoint_to_resume, latest_checkpoint, list_checkpoints, write_checkpoint_dir
+from ldm.training.checkpoints import (
+    checkpoint_problem,
+    checkpoint_to_resume,
+    latest_checkpoint,
+    list_checkpoints,
+    write_checkpoint_dir,
+)
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
+from ldm.training.metrics_log import MetricsLog
 from ldm.training.trainable import Trainable
 
 from helpers import REPO, TINY_AE
@@ -114,6 +123,7 @@ def test_checkpoint_folders_are_complete_or_absent(tmp_path):
     with pytest.raises(RuntimeError):
         write_checkpoint_dir(tmp_path, 20, crash)
     assert latest_checkpoint(tmp_path).name == "step_00000010"  # the half-written one is invisible
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]  # and removed
     for step in (20, 30, 40):
         write_checkpoint_dir(tmp_path, step, lambda d: (d / "w.txt").write_text("x"), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
@@ -123,6 +133,93 @@ def test_checkpoint_folders_are_complete_or_absent(tmp_path):
     assert checkpoint_to_resume(tmp_path, resume=True).name == "step_00000040"
     assert checkpoint_to_resume(tmp_path / "new", resume=True) is None
     assert checkpoint_to_resume(tmp_path / "new", resume=False) is None
+
+
+def _write_state(folder, step: int) -> None:
+    """A training checkpoint's files: two safetensors of 1,000,000 bytes of tensor data and a train state."""
+    weights = {"w": torch.full((250_000,), float(step))}  # float32: 1,000,000 bytes
+    save_checkpoint(folder / "model.safetensors", weights, {"step": step})
+    save_checkpoint(folder / "ema.safetensors", weights, {"step": step})
+    save_pickle(folder / "train_state.pt", {"step": step, "optimizer": {"exp_avg": torch.ones(1000)}})
+
+
+def test_resume_skips_damaged_checkpoints_and_says_why(tmp_path, capsys):
+    for step in (10, 20, 30):
+        write_checkpoint_dir(tmp_path, step, lambda d, step=step: _write_state(d, step), keep=3)
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(tmp_path))
+    newest = tmp_path / "step_00000030" / "model.safetensors"
+    size = newest.stat().st_size  # 1,000,000 bytes of data + 8 + the JSON header
+    with open(newest, "r+b") as f:  # the header survives, the data is cut short (a copy or disk that gave out)
+        f.truncate(600)
+    garbage = tmp_path / "step_00000020" / "train_state.pt"
+    garbage.write_bytes(b"\0" * garbage.stat().st_size)  # the right size, but not a zip any more
+    assert checkpoint_to_resume(tmp_path, resume=True).name == "step_00000010"
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --resume skips {tmp_path / 'step_00000030'}: model.safetensors is truncated (600 of {size} bytes)",
+        f"warning: --resume skips {tmp_path / 'step_00000020'}: train_state.pt is unreadable (truncated or not a "
+        "PyTorch file)"]
+    # The run goes on from step 10: its next checkpoint replaces the damaged ones past it.
+    write_checkpoint_dir(tmp_path, 15, lambda d: _write_state(d, 15), keep=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010", "step_00000015"]
+    # Nothing intact: one line naming each and why.
+    (tmp_path / "step_00000010" / "ema.safetensors").unlink()
+    with open(tmp_path / "step_00000015" / "ema.safetensors", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(InputError) as error:
+        checkpoint_to_resume(tmp_path, resume=True)
+    assert str(error.value) == (
+        f"--resume: no intact checkpoint in {tmp_path} (step_00000015: ema.safetensors has changed ({size + 1} bytes, "
+        f"written as {size}); step_00000010: ema.safetensors is missing); remove the damaged folders to start over, "
+        "or choose a new --out")
+
+
+def test_checkpoints_written_before_the_size_manifest_are_checked_file_by_file(tmp_path, capsys):
+    for step in (1, 2):
+        folder = tmp_path / f"step_{step:08d}"
+        folder.mkdir()
+        _write_state(folder, step)
+        (folder / "COMPLETE").write_text(f"{step}\n")  # the old marker: the step alone
+    with open(tmp_path / "step_00000002" / "ema.safetensors", "r+b") as f:
+        f.truncate(1000)
+    (tmp_path / ".tmp-step_00000003").mkdir()  # left by a run killed while writing
+    assert checkpoint_to_resume(tmp_path, resume=True).name == "step_00000001"
+    assert not (tmp_path / ".tmp-step_00000003").exists()
+    assert capsys.readouterr().err == (f"warning: --resume skips {tmp_path / 'step_00000002'}: ema.safetensors is "
+                                       f"truncated (1000 of {(tmp_path / 'step_00000001' / 'ema.safetensors').stat().st_size}"
+                                       " bytes)\n")
+
+
+def _steps(path) -> list[str]:
+    with open(path, newline="") as f:
+        return [row["step"] for row in csv.DictReader(f)]
+
+
+def test_metrics_log_keeps_one_run_per_step_after_a_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    log = MetricsLog(path)
+    for step in range(1, 7):  # killed after step 6; the newest checkpoint is at step 4
+        log.write({"step": step, "loss": 1.0 / step})
+    resumed = MetricsLog(path, resume_step=4)
+    assert _steps(path) == ["1", "2", "3", "4"]  # dropped on opening, before the first new row
+    resumed.write({"step": 5, "loss": 0.5, "grad_norm": 2.0})  # a new column rewrites the file
+    resumed.write({"step": 6, "loss": 0.4, "grad_norm": 1.0})
+    assert _steps(path) == ["1", "2", "3", "4", "5", "6"]
+    with open(path, newline="") as f:
+        assert [r["loss"] for r in csv.DictReader(f)][4:] == ["0.5", "0.4"]  # the resumed run's rows
+    # Without resume_step (the old call) the earlier run's rows at and after the first new row's step go at
+    # that row. The autoencoder writes two rows at a step with a held-out evaluation: both stay.
+    def autoencoder_rows(log, steps):
+        for step in steps:
+            log.write({"step": step, "loss": 0.1})
+            if step % 2 == 0:
+                log.write({"step": step, "val_psnr": 20.0 + step})
+
+    path.unlink()
+    autoencoder_rows(MetricsLog(path), range(1, 5))  # killed after step 4, the checkpoint at step 2
+    autoencoder_rows(MetricsLog(path), range(3, 5))
+    assert _steps(path) == ["1", "2", "2", "3", "4", "4"]
+    MetricsLog(path, resume_step=0)  # a fresh run in the same folder
+    assert _steps(path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
 
 
 def test_scale_factor_gives_unit_variance_latents():

@@ -3,7 +3,8 @@
 
     python tools/compute_scale_factor.py --ckpt runs/ae/autoencoder.safetensors --data IMAGES --write
 
-With --write the value is stored in the checkpoint's config (the file is rewritten atomically).
+With --write the value is stored in the checkpoint's config (the file is rewritten atomically: on a full
+disk it stays as it was).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from autoencoder.scale_factor import estimate_scale_factor
-from common.checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from common.checkpoint import FORMAT, DiskFullError, read_checkpoint, save_checkpoint
 from common.errors import InputError
 from ldm.cli import HelpFormatter, pick_device, run_cli
 from ldm.data.images import build_image_dataset
@@ -62,7 +63,10 @@ def main() -> None:
         config["scale_factor"] = scale
         metadata = {k: v for k, v in metadata.items() if k != "format"}
         metadata["config"] = json.dumps(config)
-        save_checkpoint(args.ckpt, tensors, metadata)
+        try:
+            save_checkpoint(args.ckpt, tensors, metadata)
+        except DiskFullError as exc:
+            raise DiskFullError(exc.path, exc.needed_bytes, f"free space and rerun; {args.ckpt} is unchanged") from None
         print(f"wrote scale_factor into {args.ckpt}")
 
 

@@ -7,7 +7,8 @@
 
 Ours: one .safetensors with the config in its metadata (loads with no config file). Original: a
 .ckpt ({"state_dict": ...}) or .safetensors with the original key names and schedule buffers, plus
-the original-style YAML written beside it (OUT with .yaml).
+the original-style YAML written beside it (OUT with .yaml). Each file is written atomically; on a full
+disk nothing is left half-written (nor a checkpoint without its YAML) and the input is never touched.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import yaml
 
 import ldm
-from common.checkpoint import save_checkpoint
+from common.checkpoint import save_checkpoint, write_text_atomically
 from ldm.cli import HelpFormatter, run_cli
 from ldm.formats.original_configs import to_original_config, to_original_state_dict
 
@@ -47,7 +48,11 @@ def main() -> None:
     else:
         config = to_original_config(model.config)
         save_checkpoint(output, to_original_state_dict(model), {}, ours=False)
-        output.with_suffix(".yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        try:
+            write_text_atomically(output.with_suffix(".yaml"), yaml.safe_dump(config, sort_keys=False))
+        except BaseException:
+            output.unlink(missing_ok=True)  # a checkpoint in the original layout is of no use without its YAML
+            raise
         print(f"wrote the original-style config to {output.with_suffix('.yaml')}")
     n_params = sum(p.numel() for p in model.parameters())
     dtype = next(model.parameters()).dtype

@@ -19,6 +19,10 @@ else as JPEG at --jpeg-quality. Sizes are upright (EXIF rotation applied).
 Inputs that cannot be used (missing file, missing caption, unreadable caption, unreadable image) are
 skipped and counted; a summary is printed and written to OUT_DIR/summary.json. The same inputs give the
 same shards, byte for byte.
+
+Each shard is written under a hidden temporary name and renamed once complete, so a shard file is always a
+whole tar. A full disk removes the unfinished shard and writes no summary.json (the complete shards stay;
+rerun with --overwrite once there is space).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import webdataset as wds
 from PIL import Image
@@ -39,6 +43,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from common.checkpoint import DiskFullError, is_disk_full, write_text_atomically
 from common.errors import InputError
 from ldm.cli import HelpFormatter, run_cli
 from ldm.data.images import list_images, open_image, to_rgb
@@ -167,6 +172,71 @@ def encode_image(path: Path, *, resize: int | None, center_crop: bool, jpeg_qual
     return extension, buffer.getvalue(), {"original_size": original_size, "size": list(image.size)}
 
 
+class ShardFiles:
+    """The files behind `wds.ShardWriter` (its `opener` and `post`): each shard is written as `.NAME.tmp`
+    and renamed to NAME once complete (fsynced first), so NAME is never a partial tar."""
+
+    def __init__(self) -> None:
+        self.done: list[Path] = []
+        self.current: tuple[Path, Path, _Sink] | None = None  # (shard, temporary file, what tarfile writes to)
+
+    def open(self, name: str) -> _Sink:
+        path = Path(name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        self.current = (path, tmp, _Sink(open(tmp, "wb")))
+        return self.current[2]
+
+    def finish(self, name: str) -> None:
+        path, tmp, sink = self.current
+        sink.file.flush()
+        os.fsync(sink.file.fileno())
+        sink.file.close()
+        os.replace(tmp, path)
+        self.current = None
+        self.done.append(path)
+
+    def written_bytes(self) -> int:
+        """The bytes of the complete shards and the one being written."""
+        partial = self.current[1].stat().st_size if self.current and self.current[1].exists() else 0
+        return sum(p.stat().st_size for p in self.done) + partial
+
+    def abort(self) -> Path | None:
+        """Remove the shard being written (after a failure); -> its name, if there was one."""
+        if self.current is None:
+            return None
+        path, tmp, sink = self.current
+        self.current = None
+        file, sink.file = sink.file, None
+        try:
+            file.close()  # may fail again flushing its buffer to a full disk
+        except OSError:
+            pass
+        tmp.unlink(missing_ok=True)
+        return path
+
+
+class _Sink:
+    """A shard's file as tarfile sees it. Once the shard is given up, what tarfile still flushes (when its
+    stream is collected) goes nowhere instead of failing on the closed file."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file: BinaryIO | None = file
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data) if self.file is not None else len(data)
+
+
+def disk_full(files: ShardFiles, out_dir: Path, processed: int, inputs: int) -> DiskFullError:
+    """Remove the unfinished shard; -> the one-line error, the size of all shards estimated from the bytes
+    written per input so far."""
+    needed = files.written_bytes() * inputs // max(processed, 1)
+    path = files.abort() or out_dir
+    kept = f"{len(files.done)} complete shards kept; " if files.done else ""
+    rerun = "rerun with --overwrite" if files.done else "rerun"
+    return DiskFullError(path, needed, f"free space or choose another output folder, then {rerun} "
+                                       f"({kept}no partial shard or summary.json left)")
+
+
 def prepare_output(pattern: str, *, overwrite: bool) -> Path:
     """Check the shard pattern, create its folder and clear (with `overwrite`) or refuse old shards; -> the folder."""
     name = Path(pattern).name
@@ -191,6 +261,9 @@ def prepare_output(pattern: str, *, overwrite: bool) -> Path:
                          "choose an empty folder or pass --overwrite to replace them")
     for path in old:  # stale shards past the new count would otherwise be read with the new ones
         path.unlink()
+    for path in out_dir.iterdir():  # unfinished shards of an interrupted run (see ShardFiles), never valid
+        if path.name.startswith(".") and path.name.endswith(".tmp") and shard_name.fullmatch(path.name[1:-4]):
+            path.unlink()
     return out_dir
 
 
@@ -221,29 +294,38 @@ def main() -> None:
 
     skipped: Counter[str] = Counter({reason: 0 for reason in SKIP_REASONS})
     examples: list[dict[str, str]] = []
-    shard_files: list[str] = []
+    files = ShardFiles()
     writer = None  # opened at the first good sample, so a run that packs nothing leaves no empty shard
-    for item in tqdm(items, desc="packing", unit="image"):
-        try:
-            if not item.path.is_file():
-                raise Skip("missing file", f"{item.path} does not exist")
-            caption = read_caption(item, allow_empty=args.allow_empty_captions)
-            extension, data, sizes = encode_image(item.path, resize=args.resize, center_crop=args.center_crop,
-                                                  jpeg_quality=args.jpeg_quality)
-        except Skip as skip:
-            skipped[skip.args[0]] += 1
-            if len(examples) < MAX_EXAMPLES:
-                examples.append({"source": item.source, "reason": skip.args[0], "detail": skip.args[1]})
-            continue
-        if writer is None:
-            writer = wds.ShardWriter(args.pattern, maxcount=args.shard_size, maxsize=args.max_shard_bytes or float("inf"),
-                                     post=shard_files.append, verbose=0, mtime=0)  # mtime 0: reproducible tars
-        metadata = {"source": item.source, **sizes, "caption": caption}
-        writer.write({"__key__": f"{writer.total:08d}", extension: data, "txt": caption.encode("utf-8"),
-                      "json": json.dumps(metadata, ensure_ascii=False).encode("utf-8")})
-    samples = writer.total if writer is not None else 0
-    if writer is not None:
-        writer.close()
+    processed = 0
+    try:
+        for processed, item in enumerate(tqdm(items, desc="packing", unit="image"), 1):
+            try:
+                if not item.path.is_file():
+                    raise Skip("missing file", f"{item.path} does not exist")
+                caption = read_caption(item, allow_empty=args.allow_empty_captions)
+                extension, data, sizes = encode_image(item.path, resize=args.resize, center_crop=args.center_crop,
+                                                      jpeg_quality=args.jpeg_quality)
+            except Skip as skip:
+                skipped[skip.args[0]] += 1
+                if len(examples) < MAX_EXAMPLES:
+                    examples.append({"source": item.source, "reason": skip.args[0], "detail": skip.args[1]})
+                continue
+            if writer is None:
+                writer = wds.ShardWriter(args.pattern, maxcount=args.shard_size,
+                                         maxsize=args.max_shard_bytes or float("inf"), opener=files.open,
+                                         post=files.finish, verbose=0, mtime=0)  # mtime 0: reproducible tars
+            metadata = {"source": item.source, **sizes, "caption": caption}
+            writer.write({"__key__": f"{writer.total:08d}", extension: data, "txt": caption.encode("utf-8"),
+                          "json": json.dumps(metadata, ensure_ascii=False).encode("utf-8")})
+        samples = writer.total if writer is not None else 0
+        if writer is not None:
+            writer.close()
+    except BaseException as exc:  # a full disk, an interrupt, a bug: no partial shard stays behind
+        if is_disk_full(exc):
+            raise disk_full(files, out_dir, processed, len(items)) from None
+        files.abort()
+        raise
+    shard_files = [str(p) for p in files.done]
 
     summary: dict[str, Any] = {
         "source": args.src, "pattern": args.pattern, "samples": samples, "shards": len(shard_files),
@@ -253,7 +335,7 @@ def main() -> None:
                     "center_crop": args.center_crop, "allow_empty_captions": args.allow_empty_captions},
     }
     summary_path = out_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     total_skipped = sum(skipped.values())
     print(f"wrote {samples} samples in {len(shard_files)} shards to {out_dir}")
     reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n)

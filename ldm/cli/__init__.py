@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from tqdm import tqdm
 
+from common.checkpoint import disk_full_path, is_disk_full
 from common.errors import InputError
 
 
@@ -79,16 +81,34 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run `main`; bad input prints one line `error: ...` and exits 2, with no traceback."""
+    """Run `main`; bad input prints one line `error: ...` and exits 2, with no traceback. So does a full
+    disk met by any write (the writers in common.checkpoint also remove their partial file and say how
+    much space the write needed)."""
     try:
         main()
     except InputError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError:
+        _close_progress_bars()
         print("error: out of memory: use a smaller --n_samples / --batch_size, --vae-tiling, or a lower "
               "--precision (fp16 / bf16)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        where = disk_full_path(exc)
+        _close_progress_bars()
+        print(f"error: disk full{' at ' + str(where) if where else ''}: free space or choose another output folder",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """End the open tqdm bars (a failure mid-loop leaves one), so an error line starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -1,56 +1,131 @@
 """Training-run checkpoints: one folder per step, made complete before it becomes visible.
 
-A checkpoint is written into `checkpoints/.tmp-step_XXXXXXXX/` and then renamed to
-`checkpoints/step_XXXXXXXX/` (a rename within a folder is atomic), so a run killed at any moment
-leaves only complete checkpoints behind; `latest` finds the newest of them.
+A checkpoint is written into `checkpoints/.tmp-step_XXXXXXXX/`, its files are fsynced, the `COMPLETE`
+marker is written last (JSON: the step and each file's size) and the folder is renamed to
+`checkpoints/step_XXXXXXXX/` (a rename within a folder is atomic). So a run killed at any moment leaves
+only complete checkpoints and perhaps a `.tmp-step_*` folder, which the next write or resume removes;
+a full disk removes the partial folder at once and raises `DiskFullError`. `--resume` checks the files
+of the newest checkpoint (sizes against the marker, each file against its own header) and falls back
+to an older one when they are damaged, saying which was skipped and why.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
+from common.checkpoint import (
+    DiskFullError,
+    file_problem,
+    is_disk_full,
+    load_state_dict_checked,
+    read_checkpoint,
+    save_checkpoint,
+    save_pickle,
+)
 from common.errors import InputError
 from ldm.model import LatentDiffusion
 from ldm.training.distributed import state_of
 from ldm.training.ema import EMA
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_PARTIAL_DIR = re.compile(r"^\.tmp-step_\d{8}$")
+MARKER = "COMPLETE"
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _step_of(folder: Path) -> int:
+    return int(_STEP_DIR.match(folder.name).group(1))
+
+
 def write_checkpoint_dir(root: Path, step: int, write: Callable[[Path], None], *, keep: int = 2) -> Path:
-    """Call `write(tmp_folder)` to fill a new checkpoint, publish it atomically, prune old ones."""
+    """Call `write(tmp_folder)` to fill a new checkpoint, publish it atomically, prune old ones.
+
+    Kept: the `keep` newest checkpoints up to `step` (all with keep <= 0). Newer ones can only be left
+    from before a resume that skipped them as damaged, and are removed. On a full disk the partial
+    folder is removed and `DiskFullError` names the checkpoint and the space it needs."""
     root.mkdir(parents=True, exist_ok=True)
+    remove_partial_checkpoints(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    (tmp / "COMPLETE").write_text(f"{step}\n")
+    try:
+        tmp.mkdir()
+        write(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        for name in files:  # a writer that does not fsync (plain torch.save) is made durable before the marker
+            _fsync(tmp / name)
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n")
+        _fsync(tmp / MARKER)
+    except BaseException as exc:
+        written = _folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise _disk_full(root, final, exc, written) from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    _fsync(root)
+    done = list_checkpoints(root)
+    older = [p for p in done if _step_of(p) <= step]
+    for old in [p for p in done if _step_of(p) > step] + (older[:-keep] if keep > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_full(root: Path, final: Path, exc: BaseException, written: int) -> DiskFullError:
+    """The one-line error for a checkpoint that did not fit: its size estimated as the files written
+    plus the one that failed, or the previous checkpoint's size if that is more."""
+    previous = list_checkpoints(root)
+    needed = written + (exc.needed_bytes if isinstance(exc, DiskFullError) else 0)
+    if previous:
+        needed = max(needed, _folder_bytes(previous[-1]))
+    kept = f" (the last checkpoint, {previous[-1].name}, is kept)" if previous else ""
+    return DiskFullError(final, needed, f"free space or choose another --out{kept}")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk; where that is refused (a folder on some systems), go on, unless
+    the disk is full."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise
+
+
+def remove_partial_checkpoints(root: Path) -> list[Path]:
+    """Remove the `.tmp-step_*` folders of an interrupted write (never valid checkpoints); -> those removed."""
+    partial = [p for p in root.iterdir() if _PARTIAL_DIR.match(p.name)] if root.is_dir() else []
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    return partial
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -58,13 +133,58 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """What makes a complete checkpoint folder unusable (a file missing, truncated or unreadable), or None.
+
+    The marker's file sizes are checked where it has them (checkpoints written before it did are
+    checked file by file), then each file on its own (`common.checkpoint.file_problem`)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return f"its {MARKER} marker is unreadable"
+    sizes = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(sizes, dict):  # a marker from before the sizes: just the step
+        sizes = {}
+    for name, expected in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size < expected:
+            return f"{name} is truncated ({size} of {expected} bytes)"
+        if size > expected:
+            return f"{name} has changed ({size} bytes, written as {expected})"
+    names = list(sizes) or sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MARKER)
+    for name in names:
+        problem = file_problem(folder / name)
+        if problem is not None:
+            return problem
+    return None
+
+
 def checkpoint_to_resume(root: Path, *, resume: bool) -> Path | None:
-    """With --resume, the newest complete checkpoint under `root` (None: there is none yet). Without it,
-    an InputError if the run folder already holds one: a new run never mixes with an old one."""
-    latest = latest_checkpoint(root)
-    if not resume and latest is not None:
-        raise InputError(f"{root.parent} already holds checkpoints: pass --resume to continue, or choose a new --out")
-    return latest if resume else None
+    """With --resume, the newest intact checkpoint under `root` (None: there is none yet). A damaged newer
+    one is skipped with a warning naming it and why; if every one is damaged, an InputError. Without
+    --resume, an InputError if the run folder already holds one: a new run never mixes with an old one.
+    Partial folders of an interrupted write are removed either way."""
+    for partial in remove_partial_checkpoints(root):
+        print(f"removed {partial}: a partial checkpoint from an interrupted run", flush=True)
+    found = list_checkpoints(root)
+    if not resume:
+        if found:
+            raise InputError(f"{root.parent} already holds checkpoints: pass --resume to continue, or choose a new --out")
+        return None
+    skipped = []
+    for folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        print(f"warning: --resume skips {folder}: {problem}", file=sys.stderr, flush=True)
+        skipped.append(f"{folder.name}: {problem}")
+    if skipped:
+        raise InputError(f"--resume: no intact checkpoint in {root} ({'; '.join(skipped)}); "
+                         "remove the damaged folders to start over, or choose a new --out")
+    return None
 
 
 def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, trainable_state: dict[str, torch.Tensor],
@@ -82,8 +202,8 @@ def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, tra
         ema_state = _merged_state(model, {k: v for k, v in ema.shadow.items()})
         save_checkpoint(folder / "ema.safetensors", ema_state,
                         {"kind": "latent_diffusion", "config": model.config.to_json(), "ema": "true", **meta})
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "ema_num_updates": ema.num_updates}, folder / "train_state.pt")
+        save_pickle(folder / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
+                                                "scaler": scaler.state_dict(), "ema_num_updates": ema.num_updates})
 
     return write_checkpoint_dir(root, step, write, keep=keep)
 
