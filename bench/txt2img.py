@@ -86,6 +86,7 @@ def build_default():
     else:
         section["autoencoder_ckpt"] = None
         section["autoencoder"] = read_yaml(ROOT / "configs/autoencoder/emoji.yaml")["model"]
+        section["random_autoencoder"] = True  # a timing run: random weights are what it asks for
         ae_note = "random autoencoder"
     print(f"note: {DEFAULT_MODEL.relative_to(ROOT)} is missing: timing configs/ldm/emoji.yaml with a random UNet "
           f"and text encoder and a {ae_note}", file=sys.stderr, flush=True)

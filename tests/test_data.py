@@ -16,7 +16,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from common.errors import InputError
-from ldm.data.images import ImageFolder, WebDatasetImages, build_image_dataset, image_transform, split_held_out
+from ldm.data.images import (
+    ImageFolder,
+    WebDatasetImages,
+    build_image_dataset,
+    endless_batches,
+    image_transform,
+    split_held_out,
+    worker_error_message,
+)
 
 SIZE = 16
 
@@ -345,3 +353,96 @@ def test_shards_split_across_workers_without_duplicates(shards: str) -> None:
         keys = [item["key"] for item in DataLoader(stream, batch_size=None, num_workers=2)]
     assert sorted(keys) == SHARD_KEYS
     assert stream.skipped == 0  # counts are per process: the worker that met s1_bad kept its own
+
+
+# --- data with nothing usable: a bounded search, one InputError ----------------------------------------
+
+
+def _latent_like_shard(path: Path) -> str:
+    """A shard of what tools/encode_latents.py writes (no image in it)."""
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"z{i}", "mean.npy": b"\x93NUMPY", "std.npy": b"\x93NUMPY", "txt": b"a caption"})
+    return str(path)
+
+
+@pytest.mark.parametrize("resampled", [True, False], ids=["resampled", "one-pass"])
+def test_garbage_shards_stop_after_a_bounded_search(tmp_path: Path, resampled: bool) -> None:
+    (tmp_path / "garbage.tar").write_bytes(np.random.default_rng(0).bytes(3000))
+    dataset = WebDatasetImages(str(tmp_path / "garbage.tar"), SIZE, resampled=resampled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError) as error:
+            next(iter(dataset))  # resampled: endless draws of the one shard until the bound
+    searched = f"{WebDatasetImages.max_barren} shard reads and skipped samples in 1 shard(s)" if resampled else \
+        "a full pass over its 1 shard(s)"
+    assert str(error.value) == (
+        f"no usable sample in {tmp_path}/garbage.tar after {searched}: 1 skipped (e.g. {tmp_path}/garbage.tar: "
+        "ReadError: invalid header); no shard held a sample webdataset can read: give .tar shards as "
+        "tools/make_shards.py (images) or tools/encode_latents.py (latents) write them")
+    assert not [w for w in caught if "skipping" in str(w.message)]  # summed up by the error, not warned per file
+
+
+def test_the_hint_names_the_kind_of_shards_found(tmp_path: Path) -> None:
+    latents = _latent_like_shard(tmp_path / "latents.tar")
+    with pytest.raises(InputError, match=r"after 1000 shard reads and skipped samples in 1 shard\(s\): 3 skipped "
+                                         r"\(e\.g\. .*latents\.tar:z\d: no image in sample.*\); these look like "
+                                         r"latent shards from tools/encode_latents.py: pass them to "
+                                         r"tools/train_ldm.py as --latents"):
+        next(iter(WebDatasetImages(latents, SIZE)))
+    with wds.TarWriter(str(tmp_path / "notes.tar")) as writer:
+        writer.write({"__key__": "n0", "txt": b"only a caption", "json": b"{}"})
+    with pytest.raises(InputError, match=r"each sample needs an image \(.jpg, .jpeg, .png or .webp\); these have "
+                                         r"\.json, \.txt"):
+        next(iter(WebDatasetImages(str(tmp_path / "notes.tar"), SIZE, resampled=False)))
+
+
+def test_warnings_held_back_until_the_first_usable_sample_are_then_given(shards: str, tmp_path: Path) -> None:
+    (tmp_path / "garbage.tar").write_bytes(b"x" * 3000)
+    dataset = WebDatasetImages([str(tmp_path / "garbage.tar"), shards], SIZE, resampled=False, shuffle_buffer=0)
+    with pytest.warns(RuntimeWarning) as caught:
+        keys = [item["key"] for item in dataset]
+    assert keys == SHARD_KEYS and dataset.skipped == 2
+    skipped = [str(w.message) for w in caught if str(w.message).startswith("skipping ")]
+    assert [message.split(" (")[0].rsplit("/", 1)[-1] for message in skipped] == ["garbage.tar",
+                                                                                   "shard-000001.tar:s1_bad"]
+
+
+def test_loader_workers_raise_the_same_one_line_error(tmp_path: Path) -> None:
+    latents = _latent_like_shard(tmp_path / "latents.tar")
+    loader = DataLoader(WebDatasetImages(latents, SIZE), batch_size=2, num_workers=2)
+    with pytest.raises(InputError) as error:
+        endless_batches(loader)  # the first batch is read at once
+    message = str(error.value)
+    assert message.startswith(f"no usable sample in {latents} after 1000 shard reads") and "\n" not in message
+    assert worker_error_message(ValueError("plain")) == "plain"
+
+
+def test_a_pass_without_any_batch_is_an_error(tmp_path: Path) -> None:
+    """One pass (resampled=False) split over 2 workers: the only shard is garbage, so no worker yields a batch."""
+    (tmp_path / "garbage.tar").write_bytes(b"x" * 3000)
+    loader = DataLoader(WebDatasetImages(str(tmp_path / "garbage.tar"), SIZE, resampled=False), batch_size=2,
+                        num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(InputError, match=r"a full pass over .*garbage.tar gave process 0 no sample \(1 shards "
+                                             r"split over 1 process\(es\) x 2 loader worker\(s\); skips counted in "
+                                             r"the loader workers, whose warnings name them\): check the shards"):
+            endless_batches(loader)
+
+
+def test_one_wholly_corrupt_shard_among_good_ones_never_stops_the_stream(shards: str, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """The bound needs min(shards, max_barren_shards) different shards searched, not only many skips in one."""
+    monkeypatch.setattr(WebDatasetImages, "max_barren", 5)  # 12 corrupt samples in a row are more than 5 skips
+    with wds.TarWriter(str(tmp_path / "corrupt.tar")) as writer:
+        for i in range(12):
+            writer.write({"__key__": f"bad{i}", "png": b"not a png"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(8):  # draws with replacement: some start on the corrupt shard, even twice in a row
+            mixed = WebDatasetImages([str(tmp_path / "corrupt.tar"), shards], SIZE, shuffle_buffer=0, seed=seed)
+            assert len(list(itertools.islice(mixed, 10))) == 10
+        (tmp_path / "corrupt2.tar").write_bytes((tmp_path / "corrupt.tar").read_bytes())
+        with pytest.raises(InputError, match=r"after \d+ shard reads and skipped samples in 2 shard\(s\): \d+ skipped"):
+            next(iter(WebDatasetImages(str(tmp_path / "corrupt{,2}.tar"), SIZE, shuffle_buffer=0)))  # all corrupt

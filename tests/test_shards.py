@@ -358,3 +358,54 @@ def test_latent_shards_round_trip(tmp_path: Path) -> None:
         collate_latents([items[0], dropped[1]])
     with pytest.raises(ValueError, match="has a caption but no ctx.npy"):
         collate_latents([items[0], items[2]], uncond_context=uncond)
+
+
+A = {"sha256": "a" * 64, "scale_factor": 0.5, "checkpoint": "runs/ae-a/autoencoder.safetensors"}
+B = {"sha256": "b" * 64, "scale_factor": 0.5, "checkpoint": "runs/ae-b/autoencoder.safetensors"}
+
+
+def _latent_shard(path: Path, record: dict | None, n: int = 3) -> str:
+    """`n` latent samples as tools/encode_latents.py writes them, recording `record` (None: an older version)."""
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(n):
+            sample = {"__key__": f"k{i}", "mean.npy": _npy(np.zeros((4, 2, 2), np.float16)),
+                      "std.npy": _npy(np.ones((4, 2, 2), np.float16)), "txt": f"cap {i}"}
+            if record is not None:
+                sample["autoencoder.json"] = json.dumps(record).encode()
+            writer.write(sample)
+    return str(path)
+
+
+def test_latent_shards_are_read_only_by_the_autoencoder_that_made_them(tmp_path: Path) -> None:
+    urls = _latent_shard(tmp_path / "a.tar", A)
+    dataset = latent_dataset(urls, caption_dropout=0.0, resampled=False, shuffle_buffer=0, autoencoder=A)
+    assert [item["key"] for item in dataset] == ["k0", "k1", "k2"] and dataset.autoencoder_record == A
+    with pytest.raises(InputError) as error:
+        next(iter(latent_dataset(urls, autoencoder=B)))
+    assert str(error.value) == (
+        f"{urls} holds latents of autoencoder aaaaaaaaaaaa (runs/ae-a/autoencoder.safetensors, scale_factor 0.5), "
+        "but this model's autoencoder is bbbbbbbbbbbb (runs/ae-b/autoencoder.safetensors, scale_factor 0.5): pass "
+        "model.autoencoder_ckpt=runs/ae-a/autoencoder.safetensors (the one tools/encode_latents.py used), or "
+        "re-encode the shards with this model's autoencoder")
+    # Only the weights decide: the shards hold the unscaled posterior, so the model's scale_factor applies.
+    with pytest.warns(RuntimeWarning, match="scale_factor was 0.5; this model's, 0.18215, applies"):
+        assert len(list(latent_dataset(urls, resampled=False, autoencoder={**A, "scale_factor": 0.18215}))) == 3
+    assert len(_read(latent_dataset(urls, resampled=False))) == 3  # no expectation: no check
+
+
+def test_latent_shards_without_a_record_are_refused_with_the_re_encoding_command(tmp_path: Path) -> None:
+    urls = _latent_shard(tmp_path / "old.tar", None)
+    with pytest.raises(InputError, match=r"latent sample .*old.tar:k0 does not record the autoencoder that made it "
+                                         r"\(no autoencoder.json: an older tools/encode_latents.py wrote it\); "
+                                         r"re-encode the image shards: python tools/encode_latents.py --config CONFIG "
+                                         r"--data IMAGE_SHARDS --out 'latents/%06d.tar' model.autoencoder_ckpt="):
+        next(iter(latent_dataset(urls, autoencoder=A)))
+    assert len(_read(latent_dataset(urls, resampled=False))) == 3
+
+
+def test_image_shards_read_as_latents_stop_with_a_hint(packed) -> None:
+    out, _ = packed
+    with pytest.raises(InputError, match=r"no usable sample in .*\{000000..000001\}.tar after 1000 shard reads and "
+                                         r"skipped samples in 2 shard\(s\): 6 skipped .*KeyError: mean.npy\); these "
+                                         r"look like image shards: pass them as --data, not --latents"):
+        next(iter(latent_dataset(str(out / "{000000..000001}.tar"))))

@@ -128,3 +128,43 @@ def test_training_from_webdataset_shards(real_images, tmp_path):
     assert "held-out 8 images" in result.stdout
     assert [r["step"] for r in rows(run) if r.get("rec")] == ["1", "2", "3"]
     assert ldm.load_autoencoder(run / "autoencoder.safetensors").config.embed_dim == 4
+
+
+@pytest.mark.parametrize("data,workers", [("garbage", 0), ("latents", 2)])
+def test_shards_without_a_usable_image_stop_with_one_line(real_images, tmp_path, data, workers):
+    """A shard of random bytes (read first for the held-out images), or latent shards given as --data (found by
+    the loader's worker processes, with --val-data): a bounded search, then one line."""
+    import io
+    import os
+
+    import numpy as np
+    import webdataset as wds
+
+    shard = tmp_path / f"{data}.tar"
+    if data == "garbage":
+        shard.write_bytes(os.urandom(3000))
+        extra = []
+    else:
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((4, 8, 8), np.float16))
+        with wds.TarWriter(str(shard)) as sink:
+            for i in range(4):
+                sink.write({"__key__": f"z{i}", "mean.npy": buffer.getvalue(), "std.npy": buffer.getvalue(),
+                            "txt": "a caption"})
+        extra = ["--val-data", str(real_images)]
+    result = train("--data", str(shard), *extra, "--out", str(tmp_path / "run"), "--max-steps", "2", *FAST,
+                   f"train.num_workers={workers}", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0  # one line
+    if data == "garbage":  # one pass over the shards for the held-out images
+        assert result.stderr.strip() == (
+            f"error: no usable sample in {shard} after a full pass over its 1 shard(s): 1 skipped (e.g. {shard}: "
+            "ReadError: invalid header); no shard held a sample webdataset can read: give .tar shards as "
+            "tools/make_shards.py (images) or tools/encode_latents.py (latents) write them")
+    else:  # the endless training stream
+        error = result.stderr.strip()
+        assert error.startswith(f"error: no usable sample in {shard} after 1000 shard reads and skipped samples in 1 "
+                                f"shard(s): 4 skipped (e.g. {shard}:z")  # z0 .. z3, as the shuffle buffer gives them
+        assert error.endswith(": no image in sample (looked for .jpg, .jpeg, .png, .webp)); these look like latent "
+                              "shards from tools/encode_latents.py: pass them to tools/train_ldm.py as --latents; "
+                              "--data takes image shards")

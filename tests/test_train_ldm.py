@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -13,13 +14,26 @@ import torch
 import webdataset as wds
 
 import ldm
+from autoencoder import AutoencoderConfig, AutoencoderKL
+from common.config import read_yaml
+from common.errors import InputError
+from ldm.cli import run_cli
+from ldm.data.captions import WebDatasetLatents
+from ldm.formats.loading import (
+    autoencoder_fingerprint,
+    autoencoder_record,
+    model_from_training_config,
+    save_autoencoder,
+)
 from ldm.training.checkpoints import latest_checkpoint, list_checkpoints
 
 from helpers import REPO, write_real_images
 
 CAPTIONS = ["red apple", "grinning face", "yellow star", "blue heart"]
-FAST = ["train.batch_size=4", "train.log_every=1", "train.sample_every=1000", "train.warmup_steps=2",
-        "train.num_workers=0", "train.shuffle_buffer=20"]
+RANDOM_AE = "model.random_autoencoder=true"  # configs/ldm/tiny.yaml's autoencoder section, random weights
+FAST_DATA = ["train.batch_size=4", "train.log_every=1", "train.sample_every=1000", "train.warmup_steps=2",
+             "train.num_workers=0", "train.shuffle_buffer=20"]
+FAST = [*FAST_DATA, RANDOM_AE]
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +133,14 @@ def test_latent_caching_gives_the_same_loss(shards, tmp_path):
 
     out = tmp_path / "latents"
     result = subprocess.run([sys.executable, "tools/encode_latents.py", "--config", "configs/ldm/tiny.yaml", "--data",
-                             shards, "--out", str(out / "%06d.tar"), "--dtype", "float32", "--device", "cpu"],
+                             shards, "--out", str(out / "%06d.tar"), "--dtype", "float32", "--device", "cpu",
+                             RANDOM_AE],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     sys.path.insert(0, str(REPO / "tools"))
     from encode_latents import build_model
 
-    model, _ = build_model(str(REPO / "configs/ldm/tiny.yaml"), [], torch.device("cpu"))
+    model, _ = build_model(str(REPO / "configs/ldm/tiny.yaml"), [RANDOM_AE], torch.device("cpu"))
     images = [s for _, s in zip(range(4), WebDatasetCaptions(shards, 32, caption_dropout=0.0, random_crop=False,
                                                                 random_flip=False, shuffle_buffer=0, resampled=False))]
     cached = {s["key"]: s for s in WebDatasetLatents(str(out / "000000.tar"), caption_dropout=0.0, shuffle_buffer=0,
@@ -155,7 +170,7 @@ def test_a_frozen_text_encoder_stays_as_built(shards, tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     from encode_latents import build_model
 
-    initial, _ = build_model(str(REPO / "configs/ldm/tiny.yaml"), [frozen], torch.device("cpu"))  # the same seed
+    initial, _ = build_model(str(REPO / "configs/ldm/tiny.yaml"), [frozen, RANDOM_AE], torch.device("cpu"))  # same seed
     trained = ldm.load_model(run / "model.safetensors")
     before, after = initial.state_dict(), trained.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("text_encoder."))
@@ -177,3 +192,110 @@ def test_the_dit_trains_with_the_same_script(shards, tmp_path):
           "model.denoiser={type: dit, size: DiT-tiny/2, in_channels: 4, input_size: 8, context_dim: 128}")
     model = ldm.load_model(run / "model.safetensors")
     assert type(model.denoiser).__name__ == "DiT"
+
+
+# --- the autoencoder behind the latents, and data with nothing usable ------------------------------------
+
+def encode_latents_tool():
+    """tools/encode_latents.py as a module (run in-process below, saving a Python start)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import encode_latents
+
+    return encode_latents
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a run that stopped on bad input (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def encode_in_process(monkeypatch, *args: str) -> int:
+    """tools/encode_latents.py's main under run_cli, as the script runs it; the exit code."""
+    monkeypatch.setattr(sys, "argv", ["encode_latents.py", "--config", str(REPO / "configs/ldm/tiny.yaml"),
+                                      "--device", "cpu", *args])
+    try:
+        run_cli(encode_latents_tool().main)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def test_a_random_first_stage_needs_the_opt_in(shards, tmp_path, monkeypatch, capsys):
+    fix = "pass model.autoencoder_ckpt=PATH (a trained autoencoder, e.g. runs/ae/autoencoder.safetensors"
+    error = one_line_error(train("--data", shards, "--out", str(tmp_path / "run"), *FAST_DATA, check=False))
+    assert error.startswith("error: model config: autoencoder_ckpt is not set, so the autoencoder would have random "
+                            "weights") and fix in error and error.endswith("or model.random_autoencoder=true for a "
+                                                                           "test or timing run")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+    assert encode_in_process(monkeypatch, "--data", shards, "--out", str(tmp_path / "lat" / "%06d.tar")) == 2
+    assert fix in capsys.readouterr().err
+    section = read_yaml(REPO / "configs/ldm/tiny.yaml")["model"]
+    with pytest.raises(InputError, match="random_autoencoder is true or false, got 'yes'"):
+        model_from_training_config({**section, "random_autoencoder": "yes"})
+    with pytest.raises(InputError, match="autoencoder_ckpt=ae.safetensors and random_autoencoder=true contradict"):
+        model_from_training_config({**section, "autoencoder_ckpt": "ae.safetensors", "random_autoencoder": True})
+
+
+@pytest.fixture(scope="module")
+def two_autoencoders(tmp_path_factory):
+    """Two tiny autoencoders of configs/ldm/tiny.yaml's shape with different (random) weights: A and B."""
+    root = tmp_path_factory.mktemp("autoencoders")
+    config = AutoencoderConfig.from_dict(read_yaml(REPO / "configs/ldm/tiny.yaml")["model"]["autoencoder"])
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        save_autoencoder(AutoencoderKL(config), root / f"ae{seed}.safetensors")
+        paths.append(root / f"ae{seed}.safetensors")
+    return paths
+
+
+def test_latents_are_refused_by_a_model_with_another_autoencoder(shards, two_autoencoders, tmp_path, monkeypatch):
+    ae_a, ae_b = two_autoencoders
+    out = tmp_path / "latents"
+    assert encode_in_process(monkeypatch, "--data", shards, "--out", str(out / "%06d.tar"),
+                             f"model.autoencoder_ckpt={ae_a}") == 0
+    sha_a = autoencoder_fingerprint(ldm.load_autoencoder(ae_a))
+    sha_b = autoencoder_fingerprint(ldm.load_autoencoder(ae_b))
+    assert sha_a != sha_b
+    record = {"sha256": sha_a, "scale_factor": 1.0, "checkpoint": str(ae_a)}
+    assert json.loads((out / "latents_summary.json").read_text())["autoencoder"] == record
+    # Training with B: refused before the first step, naming both autoencoders and the fix.
+    result = train("--latents", str(out / "000000.tar"), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                   *FAST_DATA, f"model.autoencoder_ckpt={ae_b}", check=False)
+    assert one_line_error(result) == (
+        f"error: {out / '000000.tar'} holds latents of autoencoder {sha_a[:12]} ({ae_a}, scale_factor 1.0), but this "
+        f"model's autoencoder is {sha_b[:12]} ({ae_b}, scale_factor 1.0): pass model.autoencoder_ckpt={ae_a} (the "
+        "one tools/encode_latents.py used), or re-encode the shards with this model's autoencoder")
+    assert "starting" not in result.stdout
+    # With A: the check train_ldm.py makes passes (test_latent_caching_gives_the_same_loss trains from latents).
+    model, raw = encode_latents_tool().build_model(str(REPO / "configs/ldm/tiny.yaml"),
+                                                   [f"model.autoencoder_ckpt={ae_a}"], torch.device("cpu"))
+    assert autoencoder_record(model, raw["model"]) == record
+    dataset = WebDatasetLatents(str(out / "000000.tar"), resampled=False, autoencoder=record)
+    assert len(list(dataset)) == 32 and dataset.autoencoder_record == record
+
+
+@pytest.mark.parametrize("data,workers", [("garbage", 0), ("images", 2)])
+def test_unusable_latents_stop_with_one_line(shards, tmp_path, data, workers):
+    """A shard of random bytes, or image shards given as --latents: a bounded search, then one line (also when
+    the loader's worker processes find it)."""
+    (tmp_path / "garbage.tar").write_bytes(os.urandom(3000))
+    latents = str(tmp_path / "garbage.tar") if data == "garbage" else shards
+    start = time.perf_counter()
+    result = train("--latents", latents, "--out", str(tmp_path / "run"), "--max-steps", "2", *FAST,
+                   f"train.num_workers={workers}", check=False)
+    assert time.perf_counter() - start < 60
+    hint = ("no shard held a sample webdataset can read" if data == "garbage" else
+            "these look like image shards: pass them as --data, not --latents")
+    skipped = "1 skipped (e.g. " if data == "garbage" else "32 skipped (e.g. "
+    error = one_line_error(result)
+    shards = 1 if data == "garbage" else 2
+    assert error.startswith(f"error: no usable sample in {latents} after 1000 shard reads and skipped samples in "
+                            f"{shards} shard(s): {skipped}")
+    assert error.endswith(hint + (" (tools/encode_latents.py turns them into latent shards)" if data == "images" else
+                                  ": give .tar shards as tools/make_shards.py (images) or tools/encode_latents.py "
+                                  "(latents) write them"))

@@ -2,13 +2,16 @@
 """Precompute autoencoder latents (and text contexts) of image-caption shards, for faster training.
 
     python tools/encode_latents.py --config configs/ldm/tiny.yaml --data 'shards/{000000..000009}.tar' \\
-        --out 'latents/%06d.tar'
-    python tools/train_ldm.py --config configs/ldm/tiny.yaml --latents 'latents/{000000..000009}.tar' --out runs/ldm
+        --out 'latents/%06d.tar' model.autoencoder_ckpt=runs/ae/autoencoder.safetensors
+    python tools/train_ldm.py --config configs/ldm/tiny.yaml --latents 'latents/{000000..000009}.tar' --out runs/ldm \\
+        model.autoencoder_ckpt=runs/ae/autoencoder.safetensors
 
 Each sample keeps its key and caption and gets `mean.npy` and `std.npy` (the posterior q(z|x), so
-training still draws a fresh z = mean + std * eps each time) and, when the text encoder is frozen,
-`ctx.npy` (the caption's context). Encoding once instead of every epoch is the main speed-up of
-public SD training; the price is that crops and flips are fixed (center crop, no flip) here.
+training still draws a fresh z = mean + std * eps each time), `autoencoder.json` (the fingerprint of the
+autoencoder's weights, its scale_factor and checkpoint: train_ldm.py --latents refuses a model with another
+autoencoder) and, when the text encoder is frozen, `ctx.npy` (the caption's context). Encoding once instead
+of every epoch is the main speed-up of public SD training; the price is that crops and flips are fixed
+(center crop, no flip) here.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from tqdm import tqdm
 from common.config import read_yaml
 from common.errors import InputError
 from ldm.cli import HelpFormatter, apply_overrides, pick_device, run_cli
-from ldm.data.captions import WebDatasetCaptions
-from ldm.formats.loading import model_from_training_config
+from ldm.data.captions import AUTOENCODER_RECORD, WebDatasetCaptions, describe_autoencoder
+from ldm.formats.loading import autoencoder_record, model_from_training_config
 from ldm.model import LatentDiffusion
 
 
@@ -64,6 +67,7 @@ def main() -> None:
     model, raw = build_model(args.config, args.overrides, device)
     size = int((raw.get("train") or {}).get("image_size", model.config.autoencoder.resolution))
     contexts = not getattr(model.text_encoder, "trainable", False)
+    record = autoencoder_record(model, raw.get("model") or {})
     dataset = WebDatasetCaptions(args.data, size, caption_dropout=0.0, random_crop=False, random_flip=False,
                                  shuffle_buffer=0, resampled=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=lambda items: items)
@@ -78,15 +82,17 @@ def main() -> None:
             for k, item in enumerate(items):
                 sample = {"__key__": item["key"], "txt": item["caption"],
                           "mean.npy": encoded["mean"][k].cpu().numpy().astype(dtype),
-                          "std.npy": encoded["std"][k].cpu().numpy().astype(dtype)}
+                          "std.npy": encoded["std"][k].cpu().numpy().astype(dtype),
+                          AUTOENCODER_RECORD: json.dumps(record).encode()}
                 if contexts:
                     sample["ctx.npy"] = encoded["ctx"][k].cpu().numpy().astype(dtype)
                 sink.write(sample)
             count += len(items)
-    summary = {"samples": count, "contexts": contexts, "dtype": args.dtype, "skipped": dataset.skipped}
+    summary = {"samples": count, "contexts": contexts, "dtype": args.dtype, "skipped": dataset.skipped,
+               "autoencoder": record}
     (Path(args.out).parent / "latents_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"encoded {count} samples into {args.out} ({'latents and contexts' if contexts else 'latents only: the text encoder trains'}); "
-          f"skipped {dataset.skipped}")
+          f"skipped {dataset.skipped}; autoencoder {describe_autoencoder(record)}")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from autoencoder import AutoencoderConfig, AutoencoderKL
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.metrics import psnr, ssim
-from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
+from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint, save_pickle
 from common.config import read_yaml
 from common.errors import InputError
 from ldm.cli import apply_overrides, autocast_dtype, pick_device, run_cli, training_parser
-from ldm.data.images import ImageFolder, build_image_dataset, split_held_out
+from ldm.data.images import ImageFolder, build_image_dataset, endless_batches, split_held_out
 from ldm.data.order import ResumableBatchSampler, SeededItems
 from ldm.formats.loading import save_autoencoder
 from ldm.training.checkpoints import checkpoint_to_resume, write_checkpoint_dir
@@ -118,9 +118,10 @@ def open_data(args, cfg: AutoencoderTrainConfig):
 
 
 def batches(train, cfg: AutoencoderTrainConfig, start_step: int):
-    """Endless training batches from `start_step` on.
+    """Endless training batches from `start_step` on, the first one read now (so shards with no usable image
+    stop the run here, before it starts, with one line).
 
-    A folder's order is a pure function of (seed, step) (see ldm/data_order.py), so a resumed run
+    A folder's order is a pure function of (seed, step) (see ldm/data/order.py), so a resumed run
     sees the batches an uninterrupted run would; webdataset shards are a stream and are reshuffled.
     """
     # The loaders get their own generator: a new iterator must not draw from the global RNG.
@@ -131,8 +132,7 @@ def batches(train, cfg: AutoencoderTrainConfig, start_step: int):
         sampler = ResumableBatchSampler(len(train), cfg.batch_size, seed=cfg.seed, start_step=start_step)
         loader = DataLoader(SeededItems(train), batch_sampler=sampler, num_workers=cfg.num_workers,
                             generator=generator)
-    while True:  # a finite stream starts again
-        yield from loader
+    return endless_batches(loader)  # a finite stream starts again
 
 
 @torch.no_grad()
@@ -193,7 +193,7 @@ def main() -> None:
           f"batch {cfg.batch_size}; held-out {len(held_images)} images")
     print(loss_fn.perceptual_status)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    log = MetricsLog(out / "metrics.csv")
+    log = MetricsLog(out / "metrics.csv", resume_step=step)
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train autoencoder", dynamic_ncols=True)
     t_last, images_since = time.perf_counter(), 0
@@ -264,9 +264,10 @@ def write_state(folder: Path, step: int, ae, loss_fn, ema, opt_ae, opt_disc, sca
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(),
-                "scaler_ae": scaler_ae.state_dict(), "scaler_disc": scaler_disc.state_dict(),
-                "ema_num_updates": ema.num_updates, "rng": rng}, folder / "train_state.pt")
+    save_pickle(folder / "train_state.pt",
+                {"step": step, "opt_ae": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(),
+                 "scaler_ae": scaler_ae.state_dict(), "scaler_disc": scaler_disc.state_dict(),
+                 "ema_num_updates": ema.num_updates, "rng": rng})
 
 
 def restore(folder: Path, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc) -> int:

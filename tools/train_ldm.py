@@ -6,6 +6,9 @@
     python tools/train_ldm.py ... --resume                       # continue from the newest complete checkpoint
     python tools/train_ldm.py ... --latents 'latents/{000000..000009}.tar'   # precomputed latents (encode_latents.py)
 
+The autoencoder comes from model.autoencoder_ckpt=PATH (or, for tests and timing runs only, random weights with
+model.random_autoencoder=true); latent shards must have been encoded by that same autoencoder.
+
 The algorithm (DDPM Algorithm 1 on autoencoder latents, LDM sec. 3.3), per step:
 latents = scale_factor * E(x) -> t, noise -> x_t -> denoiser(x_t, t, text context) -> loss -> step -> EMA.
 The run folder gets metrics.csv and tensorboard/ (loss, loss per timestep range, lr, images/s, GPU memory), samples/ (grids of fixed prompts and seeds, EMA weights),
@@ -30,7 +33,7 @@ from common.config import read_yaml
 from common.errors import InputError
 from ldm import diffusion
 from ldm.cli import apply_overrides, autocast_dtype, run_cli, training_parser
-from ldm.formats.loading import model_from_training_config
+from ldm.formats.loading import autoencoder_record, model_from_training_config
 from ldm.images import make_grid
 from ldm.model import LatentDiffusion
 from ldm.training.checkpoints import (
@@ -79,7 +82,9 @@ def main() -> None:
     if resume_from is not None:
         step = restore_training_checkpoint(resume_from, trainable, ema, optimizer, scaler)
     torch.manual_seed(cfg.seed + 7919 * world.rank + step)
-    dataset, data = batches(args, cfg, world.rank, step, empty_caption_context(model, args, train_text))
+    # Cached latents must come from this model's autoencoder: each sample's autoencoder.json says which made it.
+    autoencoder = autoencoder_record(model, raw.get("model") or {}) if args.latents else None
+    dataset, data = batches(args, cfg, world.rank, step, empty_caption_context(model, args, train_text), autoencoder)
     schedule = model.schedule
     record = RunRecord(out, raw, cfg, world, step, describe_run(step, resume_from, params, train_text, cfg, world))
 
@@ -182,30 +187,30 @@ def empty_caption_context(model: LatentDiffusion, args, train_text: bool) -> tor
         return model.text_encoder.encode([""])[0].cpu()
 
 
-def batches(args, cfg: TrainConfig, rank: int, step: int, uncond_context: torch.Tensor | None):
+def batches(args, cfg: TrainConfig, rank: int, step: int, uncond_context: torch.Tensor | None,
+            autoencoder: dict | None):
     """(the dataset, for its skip count; endless batches {"image" | "mean","std","context", "caption", "key"}).
 
-    Cached contexts of dropped captions are filled with `uncond_context`, the frozen encoder's output for ""."""
+    Cached contexts of dropped captions are filled with `uncond_context`, the frozen encoder's output for "";
+    cached latents must record `autoencoder` (`autoencoder_record`). The first batch is read now: data with
+    no usable sample (or another autoencoder's latents) stops the run before it starts, with one line."""
     from torch.utils.data import DataLoader
 
     from ldm.data.captions import WebDatasetCaptions, WebDatasetLatents, collate_latents
+    from ldm.data.images import endless_batches
 
     seed = cfg.seed + 1000 * step  # a resumed run reshuffles rather than replaying the first batches
     if args.latents:
         dataset = WebDatasetLatents(args.latents, caption_dropout=cfg.caption_dropout,
-                                    shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed)
+                                    shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed,
+                                    autoencoder=autoencoder)
     else:
         dataset = WebDatasetCaptions(args.data, cfg.image_size, caption_dropout=cfg.caption_dropout,
                                      shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed)
     collate = functools.partial(collate_latents, uncond_context=uncond_context) if args.latents else None
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
                         generator=torch.Generator().manual_seed(seed + rank))
-
-    def endless():
-        while True:
-            yield from loader
-
-    return dataset, endless()
+    return dataset, endless_batches(loader)
 
 
 def describe_run(step: int, resume_from: Path | None, params: list[nn.Parameter], train_text: bool,
@@ -274,7 +279,7 @@ class RunRecord:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
             print(headline)
-        self.log = MetricsLog(out / "metrics.csv") if world.is_main else None
+        self.log = MetricsLog(out / "metrics.csv", resume_step=step) if world.is_main else None
         self.board = TensorBoardLog(out / "tensorboard") if world.is_main else None
         self.bar = tqdm(total=cfg.max_steps, initial=step, desc="train ldm", disable=not world.is_main,
                         dynamic_ncols=True)

@@ -3,7 +3,8 @@
 Image shards as `tools/make_shards.py` writes them: KEY.jpg or KEY.png, KEY.txt (the caption) and KEY.json
 (metadata, with the caption again under "caption"). Latent shards as `tools/encode_latents.py` writes them:
 KEY.mean.npy and KEY.std.npy (float16 (C, h, w), the autoencoder posterior's mean and std), KEY.ctx.npy
-(float16 (tokens, dim), the text encoder's output for the caption; optional) and KEY.txt.
+(float16 (tokens, dim), the text encoder's output for the caption; optional), KEY.txt and KEY.autoencoder.json,
+the autoencoder that made them ({"sha256": weights fingerprint, "scale_factor", "checkpoint": path or null}).
 
 Caption dropout makes classifier-free guidance possible (Ho & Salimans 2022, "Classifier-Free Diffusion
 Guidance", Algorithm 1): with probability p a caption becomes "". The coin is a generator seeded by (seed,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -23,6 +25,10 @@ import webdataset as wds
 
 from common.errors import InputError
 from ldm.data.images import ShardStream, decode_shard_image, image_transform
+
+AUTOENCODER_RECORD = "autoencoder.json"  # the key, in each latent sample, of the autoencoder that made it
+REENCODE = ("re-encode the image shards: python tools/encode_latents.py --config CONFIG --data IMAGE_SHARDS "
+            "--out 'latents/%06d.tar' model.autoencoder_ckpt=AUTOENCODER")
 
 
 def read_caption(sample: dict[str, Any]) -> str:
@@ -70,6 +76,8 @@ class WebDatasetCaptions(_CaptionedShards):
     `ldm.data.image_transform`; a dropped caption is "". Samples without a readable image or caption are
     skipped and counted in `self.skip_report`, as are broken shards."""
 
+    sample_needs = "an image (.jpg, .jpeg, .png or .webp) and a caption (.txt, or .json with a 'caption')"
+
     def __init__(
         self,
         urls: str | Sequence[str],
@@ -109,7 +117,16 @@ class WebDatasetLatents(_CaptionedShards):
     Tensors come back as `dtype` (float32 by default; they are stored as float16). A dropped caption gives
     caption "" and context None: the trainer substitutes the unconditional context (`collate_latents` does).
     A sample without ctx.npy has context None and keeps its caption, for a trainer that encodes text itself.
-    Samples without mean/std (or with mismatched shapes) or a caption are skipped and counted."""
+    Samples without mean/std (or with mismatched shapes) or a caption are skipped and counted.
+
+    With `autoencoder` (the trainer's record: {"sha256", "scale_factor", "checkpoint"}), every sample's
+    autoencoder.json must name the same weights (sha256), or iterating raises an InputError: latents of
+    another autoencoder would teach the denoiser a latent space its decoder does not read. A different
+    scale_factor only warns: the shards hold the unscaled posterior, so the model's own scale_factor applies.
+    `self.autoencoder_record` is the last record read (in this process)."""
+
+    latents = True
+    sample_needs = ".mean.npy, .std.npy, a caption (.txt) and .autoencoder.json, as tools/encode_latents.py writes"
 
     def __init__(
         self,
@@ -120,10 +137,37 @@ class WebDatasetLatents(_CaptionedShards):
         resampled: bool = True,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        autoencoder: dict[str, Any] | None = None,
     ):
         self.dtype = dtype
+        self.autoencoder = autoencoder
+        self.autoencoder_record: dict[str, Any] | None = None
+        self._scale_factor_noted = False
         super().__init__(urls, caption_dropout=caption_dropout, shuffle_buffer=shuffle_buffer, resampled=resampled,
                          seed=seed)
+
+    def _check_autoencoder(self, sample: dict[str, Any]) -> None:
+        """Read the sample's autoencoder record; with `self.autoencoder`, refuse another autoencoder's latents."""
+        if AUTOENCODER_RECORD in sample:
+            self.autoencoder_record = _read_record(sample, self.sample_name(sample))
+        expected, record = self.autoencoder, self.autoencoder_record
+        if expected is None:
+            return
+        if AUTOENCODER_RECORD not in sample:
+            raise InputError(f"latent sample {self.sample_name(sample)} does not record the autoencoder that made it "
+                             f"(no {AUTOENCODER_RECORD}: an older tools/encode_latents.py wrote it); {REENCODE}")
+        if record["sha256"] != expected["sha256"]:
+            made_by = record["checkpoint"]
+            fix = (f"pass model.autoencoder_ckpt={made_by} (the one tools/encode_latents.py used), or re-encode "
+                   "the shards with this model's autoencoder" if made_by else "re-encode the shards with this "
+                   "model's autoencoder (tools/encode_latents.py with the same config and overrides)")
+            raise InputError(f"{self.source} holds latents of autoencoder {describe_autoencoder(record)}, but this "
+                             f"model's autoencoder is {describe_autoencoder(expected)}: {fix}")
+        if record["scale_factor"] != float(expected["scale_factor"]) and not self._scale_factor_noted:
+            self._scale_factor_noted = True
+            warnings.warn(f"{self.source} was encoded when the autoencoder's scale_factor was "
+                          f"{record['scale_factor']}; this model's, {expected['scale_factor']}, applies (the shards "
+                          "hold the unscaled posterior)", RuntimeWarning)
 
     def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         coin = self._dropout_rng()
@@ -138,9 +182,27 @@ class WebDatasetLatents(_CaptionedShards):
             except Exception as exn:  # KeyError for a missing array, ValueError for bad .npy data
                 self.skip_report.add(self.sample_name(sample), exn)
                 continue
+            self._check_autoencoder(sample)
             if coin.random() < self.caption_dropout:
                 caption, context = "", None
             yield {"mean": mean, "std": std, "context": context, "caption": caption, "key": sample["__key__"]}
+
+
+def _read_record(sample: dict[str, Any], name: str) -> dict[str, Any]:
+    """A latent sample's autoencoder.json as {"sha256": str, "scale_factor": float, "checkpoint": str or None}."""
+    try:
+        record = json.loads(sample[AUTOENCODER_RECORD])
+        return {"sha256": str(record["sha256"]), "scale_factor": float(record["scale_factor"]),
+                "checkpoint": record.get("checkpoint")}
+    except (ValueError, KeyError, TypeError, AttributeError) as exn:  # bad JSON, missing keys, not an object
+        raise InputError(f"latent sample {name}: unreadable {AUTOENCODER_RECORD} ({type(exn).__name__}: {exn}); "
+                         f"{REENCODE}") from None
+
+
+def describe_autoencoder(record: dict[str, Any]) -> str:
+    """'1a2b3c4d5e6f (runs/ae/autoencoder.safetensors, scale_factor 0.18215)': a record, short, for messages."""
+    origin = record.get("checkpoint") or "random weights"
+    return f"{record['sha256'][:12]} ({origin}, scale_factor {record['scale_factor']})"
 
 
 # the names the training scripts use

@@ -3,31 +3,33 @@
 Sources yield dicts so later stages can add keys (captions and cached latents: `ldm.data.captions`).
 Unreadable images never stop a run: they are skipped, warned about once and counted in a `SkipReport`, per
 process: each DataLoader worker counts in its own copy of the dataset, unseen by the main process. To find
-every bad file up front, call `ImageFolder.verify()` in the main process.
+every bad file up front, call `ImageFolder.verify()` in the main process. Data with nothing usable at all
+does stop a run, with one InputError after a bounded search (`ShardStream.max_barren`, `endless_batches`).
 """
 from __future__ import annotations
 
 import copy
 import functools
 import io
+import itertools
 import os
 import random
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
-from torch.utils.data import Dataset, IterableDataset, Subset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision.transforms import InterpolationMode, RandomCrop
 from torchvision.transforms import functional as TF
 from webdataset.shardlists import expand_urls
 
 from common.errors import InputError
+from ldm.images import open_image, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # webdataset keys are extensions, lower-cased
@@ -43,9 +45,14 @@ class SkipReport:
     examples: list[tuple[str, str]] = field(default_factory=list)
     max_examples: int = 20
     _seen: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    # While held (a list): warnings wait there and `barren` counts every skip, repeats included.
+    _held: list[str] | None = field(default=None, init=False, repr=False, compare=False)
+    barren: int = field(default=0, init=False, repr=False, compare=False)
 
     def add(self, name: str, reason: str | BaseException) -> None:
         """Count `name` and warn about it, once however often it is met again."""
+        if self._held is not None:
+            self.barren += 1
         if name in self._seen:
             return
         if isinstance(reason, BaseException):
@@ -54,31 +61,37 @@ class SkipReport:
         self.count += 1
         if len(self.examples) < self.max_examples:
             self.examples.append((name, reason))
-        warnings.warn(f"skipping {name} (unreadable): {reason}", RuntimeWarning)
+        message = f"skipping {name} (unreadable): {reason}"
+        if self._held is not None:
+            self._held.append(message)
+        else:
+            warnings.warn(message, RuntimeWarning)
+
+    def hold(self) -> None:
+        """Hold the warnings back (until `release`) and count the skips in `barren` from 0: a stream does this
+        until its first usable sample, so data with none at all gives one error instead of a warning per file."""
+        self._held, self.barren = [], 0
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def count_search(self) -> None:
+        """One more step (a shard read) of the search while held."""
+        if self._held is not None:
+            self.barren += 1
+
+    def release(self, *, warn: bool = True) -> None:
+        """Stop holding; the held warnings are given now (or dropped, warn=False: an error summarises them)."""
+        held, self._held = self._held or [], None
+        for message in held if warn else ():
+            warnings.warn(message, RuntimeWarning)
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, i: int) -> tuple[str, str]:
         return self.examples[i]
-
-
-def open_image(source: str | Path | IO[bytes]) -> Image.Image:
-    """An image file, upright (EXIF rotation applied). Decoded fully now, so corrupt or truncated data fails
-    here, inside the caller's skip handling."""
-    with Image.open(source) as image:
-        image.load()
-        return ImageOps.exif_transpose(image)  # photos stored sideways with an EXIF rotation tag
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, with transparent pixels composited on white."""
-    if image.mode.startswith("I"):  # "I", "I;16", "I;16B", ...
-        # 16-bit grayscale: Pillow clips to 255 when converting, so scale to 8 bits first
-        image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def _transform(image: Image.Image, *, size: int, random_crop: bool, random_flip: bool) -> torch.Tensor:
@@ -198,13 +211,28 @@ class ShardStream(IterableDataset):
     rank, worker, epoch), so no splitting is needed; fresh workers replay the same draws, so pass a new
     `seed` when resuming. resampled=False: one pass; shards are shuffled alike on every rank, then split by
     node and by worker, so each is read once. `shuffle_buffer=0` turns all shuffling off.
+
+    The search for the first usable sample of an iteration is bounded: after `max_barren` shard reads and
+    skipped samples (repeats counted) in `max_barren_shards` different shards (or all, if fewer), or after a
+    whole pass over all the shards, without one, iterating raises one InputError naming the data, the skips
+    and the likely fix. Until that first sample the skip warnings are held back (then given), so unusable data
+    reads as that one line; one wholly corrupt shard among good ones never stops a run.
     """
+
+    max_barren: ClassVar[int] = 1000  # far above the shuffle buffer's read-ahead (<= 100 samples) of good data
+    max_barren_shards: ClassVar[int] = 3
+    latents: ClassVar[bool] = False   # what the samples should hold: cached latents, or images
+    sample_needs: ClassVar[str] = "an image (.jpg, .jpeg, .png or .webp)"
 
     def __init__(self, urls: str | Sequence[str], *, shuffle_buffer: int = 1000, resampled: bool = True, seed: int = 0):
         super().__init__()
+        self.source = urls if isinstance(urls, str) else " ".join(urls)  # as given, for messages
         self.urls = expand_shards(urls)
         self.seed = seed
+        self.resampled = resampled
         self.skip_report = SkipReport()
+        self._extensions: set[str] = set()  # the extensions of the samples read before the first usable one
+        self._searched: set[str] = set()  # the shards read before the first usable sample
         if resampled:
             stages: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
         else:
@@ -212,14 +240,14 @@ class ShardStream(IterableDataset):
             if shuffle_buffer > 0:
                 stages.append(wds.detshuffle(len(self.urls), initial=len(self.urls), seed=seed))
             stages += [wds.split_by_node, wds.split_by_worker]
-        stages.append(wds.tarfile_to_samples(handler=self._skip_shard))
+        stages += [self._count_reads, wds.tarfile_to_samples(handler=self._skip_shard)]
         if shuffle_buffer > 0 and resampled:
             # Ranks and workers may draw the same shard: give each its own sample order too.
             self._shuffle_args = (shuffle_buffer, min(shuffle_buffer, 100))
             stages.append(self._rank_shuffle)
         elif shuffle_buffer > 0:
             stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
-        stages.append(self._decode)
+        stages += [self._watch_samples, self._decode]
         self.pipeline = wds.DataPipeline(*stages)
 
     def _rank_shuffle(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -233,7 +261,53 @@ class ShardStream(IterableDataset):
         text = " ".join(map(str, exn.args))
         shard = max((url for url in self.urls if url in text), key=len, default="<unknown shard>")
         self.skip_report.add(shard, exn)
+        self._check_barren()
         return True
+
+    def _count_reads(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Each shard read counts in the search (an empty or unreadable shard yields no sample to count)."""
+        for shard in shards:
+            if self.skip_report.holding:
+                self._searched.add(shard["url"])
+                self.skip_report.count_search()
+                self._check_barren()
+            yield shard
+
+    def _watch_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Before `_decode`: while no sample was usable, note what the samples hold and bound the search."""
+        for sample in samples:
+            if self.skip_report.holding:
+                self._extensions.update(k for k in sample if not k.startswith("__"))
+                self._check_barren()
+            yield sample
+
+    def _check_barren(self) -> None:
+        report, shards = self.skip_report, len(self._searched)
+        enough_shards = min(len(set(self.urls)), self.max_barren_shards)
+        if report.holding and report.barren >= self.max_barren and shards >= enough_shards:
+            raise self.nothing_usable(f"{report.barren} shard reads and skipped samples in {shards} shard(s)")
+
+    def nothing_usable(self, searched: str) -> InputError:
+        """The error for data with no usable sample in `searched`: the data, the skips, a likely fix."""
+        report = self.skip_report
+        report.release(warn=False)  # the message sums them up
+        example = f" (e.g. {report.examples[0][0]}: {report.examples[0][1]})" if report.examples else ""
+        message = (f"no usable sample in {self.source} after {searched}: {report.count} skipped{example}; "
+                   f"{self._barren_hint()}")
+        return InputError(message.replace("\n", " "))
+
+    def _barren_hint(self) -> str:
+        found = self._extensions
+        if not found:
+            return ("no shard held a sample webdataset can read: give .tar shards as tools/make_shards.py "
+                    "(images) or tools/encode_latents.py (latents) write them")
+        if self.latents and found & set(SHARD_IMAGE_KEYS):
+            return ("these look like image shards: pass them as --data, not --latents (tools/encode_latents.py "
+                    "turns them into latent shards)")
+        if not self.latents and "mean.npy" in found:
+            return ("these look like latent shards from tools/encode_latents.py: pass them to tools/train_ldm.py "
+                    "as --latents; --data takes image shards")
+        return f"each sample needs {self.sample_needs}; these have .{', .'.join(sorted(found))}"
 
     def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Raw samples (dicts of bytes by extension, with __key__ and __url__) -> output dicts."""
@@ -245,12 +319,67 @@ class ShardStream(IterableDataset):
         return f"{sample.get('__url__')}:{sample['__key__']}"
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.pipeline)
+        report = self.skip_report
+        report.hold()
+        self._extensions, self._searched = set(), set()
+        try:
+            for item in self.pipeline:
+                if report.holding:
+                    report.release()  # the first usable sample: the data works, warn about what was skipped
+                yield item
+            _, world, _, workers = wds.utils.pytorch_worker_info()
+            if report.holding and not self.resampled and world * workers == 1:  # a pass over every shard
+                raise self.nothing_usable(f"a full pass over its {len(self.urls)} shard(s)")
+        finally:
+            report.release()
 
     @property
     def skipped(self) -> int:
         """How many broken shards and samples this process has skipped."""
         return self.skip_report.count
+
+
+def endless_batches(loader: DataLoader) -> Iterator[Any]:
+    """`loader`'s batches, pass after pass, the first one fetched now: data with nothing usable stops here, before
+    training, with one InputError, also when it is raised in a loader worker (the DataLoader wraps it in the
+    worker's traceback: unwrapped here) and when a whole pass (resampled=False) gives no batch at all."""
+    batches = _passes(loader)
+    return itertools.chain([next(batches)], batches)
+
+
+def _passes(loader: DataLoader) -> Iterator[Any]:
+    while True:
+        empty = True
+        try:
+            for batch in loader:
+                empty = False
+                yield batch
+        except InputError as exn:
+            raise InputError(worker_error_message(exn)) from None
+        if empty:
+            raise _empty_pass_error(loader)
+
+
+def worker_error_message(exn: BaseException) -> str:
+    """The one-line message of an exception, also of one re-raised from a DataLoader worker (whose message is
+    "Caught X in DataLoader worker process N. Original Traceback ...", ending in "module.X: message")."""
+    text = str(exn)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        return text.rstrip().splitlines()[-1].split(f"{type(exn).__name__}: ", 1)[-1]
+    return text
+
+
+def _empty_pass_error(loader: DataLoader) -> InputError:
+    dataset = loader.dataset
+    name = getattr(dataset, "source", type(dataset).__name__)
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    workers = loader.num_workers
+    skipped = (f"{dataset.skipped} skipped" if workers == 0 else "skips counted in the loader workers, whose "
+               "warnings name them") if hasattr(dataset, "skipped") else "nothing skipped"
+    shards = f"{len(dataset.urls)} shards split over " if hasattr(dataset, "urls") else ""
+    return InputError(f"a full pass over {name} gave process {rank} no sample ({shards}{world} process(es) x "
+                      f"{max(workers, 1)} loader worker(s); {skipped}): check the shards, give at least one shard "
+                      "per process and worker, or set train.resampled=true")
 
 
 class WebDatasetImages(ShardStream):

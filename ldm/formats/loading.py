@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -171,20 +172,53 @@ def load_autoencoder(path: str | Path, config: Any = None, device: str | torch.d
 def model_from_training_config(section: dict[str, Any]) -> LatentDiffusion:
     """A new `LatentDiffusion` from the `model:` section of a training config (`configs/ldm/*.yaml`).
 
-    The section is `LDMConfig` fields (`diffusion:` flattened in) with either an `autoencoder:`
-    config or `autoencoder_ckpt:`, a trained first stage whose config and weights are taken. The
-    denoiser and text encoder are newly initialised (from the global RNG, as `torch.manual_seed` left it).
+    The section is `LDMConfig` fields (`diffusion:` flattened in) with `autoencoder_ckpt:`, a trained first
+    stage whose config and weights are taken, or an `autoencoder:` config with `random_autoencoder: true`:
+    random weights, for tests and timing runs only, so never by default (latents of a random autoencoder
+    train a model nothing can decode). The denoiser and text encoder are newly initialised (from the global
+    RNG, as `torch.manual_seed` left it).
     """
     section = dict(section)
     ae_ckpt = section.pop("autoencoder_ckpt", None)
+    random_autoencoder = section.pop("random_autoencoder", False)
     diffusion = dict(section.pop("diffusion", None) or {})
+    if not isinstance(random_autoencoder, bool):
+        raise InputError(f"model config: random_autoencoder is true or false, got {random_autoencoder!r}")
     autoencoder = None
+    if ae_ckpt and random_autoencoder:
+        raise InputError(f"model config: autoencoder_ckpt={ae_ckpt} and random_autoencoder=true contradict each "
+                         "other; drop model.random_autoencoder to use the checkpoint")
     if ae_ckpt:
         autoencoder = load_autoencoder(ae_ckpt)
         section["autoencoder"] = autoencoder.config.to_dict()
     elif "autoencoder" not in section:
-        raise InputError("model config: give autoencoder_ckpt (a trained autoencoder) or an autoencoder section")
+        raise InputError("model config: no autoencoder: pass model.autoencoder_ckpt=PATH (a trained autoencoder, "
+                         "e.g. runs/ae/autoencoder.safetensors from tools/train_autoencoder.py)")
+    elif not random_autoencoder:
+        raise InputError("model config: autoencoder_ckpt is not set, so the autoencoder would have random weights "
+                         "and the model could never decode what it learns: pass model.autoencoder_ckpt=PATH (a "
+                         "trained autoencoder, e.g. runs/ae/autoencoder.safetensors from tools/train_autoencoder.py), "
+                         "or model.random_autoencoder=true for a test or timing run")
     model = LatentDiffusion(ldm_config_from_dict({**section, **diffusion}))
     if autoencoder is not None:
         model.autoencoder.load_state_dict(autoencoder.state_dict())
     return model
+
+
+def autoencoder_fingerprint(autoencoder: torch.nn.Module) -> str:
+    """sha256 (hex) of an autoencoder's weights: names, shapes and float32 values in name order, so the same weights
+    give the same fingerprint in any floating dtype and on any device. Latent shards record it
+    (tools/encode_latents.py) and training on them checks it (tools/train_ldm.py --latents)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(autoencoder.state_dict().items()):
+        tensor = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def autoencoder_record(model: LatentDiffusion, section: dict[str, Any]) -> dict[str, Any]:
+    """What latent shards record of the autoencoder of `model`, built from the training config's `model:`
+    `section`: {"sha256": its fingerprint, "scale_factor", "checkpoint": model.autoencoder_ckpt or None}."""
+    return {"sha256": autoencoder_fingerprint(model.autoencoder), "scale_factor": model.scale_factor,
+            "checkpoint": section.get("autoencoder_ckpt") or None}
