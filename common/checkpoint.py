@@ -131,6 +131,7 @@ def write_atomically(path: Path, write: Callable[[str], None], *, needed_bytes: 
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain open() would
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -141,6 +142,12 @@ def write_atomically(path: Path, write: Callable[[str], None], *, needed_bytes: 
             raise DiskFullError(path, needed_bytes) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -22,7 +22,8 @@ from common.errors import InputError
 from ldm.images import image_to_tensor, mask_to_tensor, to_rgb, to_uint8
 from ldm.model import LatentDiffusion, check_finite_options
 
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = 2 ** 32 - 1  # the range of a random seed
+LAST_SEED = 2 ** 63 - 1  # the largest seed + k (its generators also use seed + 2**32, below 2**64)
 
 
 def native_size(model: LatentDiffusion) -> int:
@@ -33,9 +34,51 @@ def native_size(model: LatentDiffusion) -> int:
 
 def check_size(height: int, width: int, factor: int) -> None:
     for name, value in (("height", height), ("width", width)):
-        if value < factor or value % factor:
-            lower, upper = max(factor, value // factor * factor), (value // factor + 1) * factor
+        if value < factor:
+            raise InputError(f"{name} {value} is too small: use at least {factor} pixels (a multiple of {factor})")
+        if value % factor:
+            lower, upper = value // factor * factor, (value // factor + 1) * factor
             raise InputError(f"{name} {value} is not a multiple of {factor}; use {lower} or {upper}")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (CUDA: the driver's count; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def resolve_size(model: LatentDiffusion, height: int | None = None, width: int | None = None,
+                 init_image: Image.Image | None = None) -> tuple[int, int]:
+    """(height, width) of the images `generate` makes, checked: given, else the init image's, else the model's
+    native size; a multiple of the autoencoder's factor, and small enough to decode (`check_memory`)."""
+    if init_image is not None:
+        width = init_image.width if width is None else width
+        height = init_image.height if height is None else height
+    height = native_size(model) if height is None else height
+    width = native_size(model) if width is None else width
+    check_size(height, width, model.autoencoder.downsampling_factor)
+    check_memory(model, height, width, model.alphas_cumprod.device, next(model.autoencoder.parameters()).dtype)
+    return height, width
+
+
+def check_memory(model: LatentDiffusion, height: int, width: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse up front a size whose decoding cannot fit even one image: the decoder holds several full-size
+    feature maps of ch * ch_mult[0] channels at once (about 7 of them, measured for the SD decoder at 512 to
+    2048 px, bench/vae_decode.py), a lower bound of its peak. Tiled decoding (--vae-tiling) is bounded by its tiles."""
+    if model.autoencoder.tiling is not None:
+        return
+    config = model.config.autoencoder
+    itemsize = torch.finfo(dtype).bits // 8
+    needed = 7 * height * width * config.ch * config.ch_mult[0] * itemsize
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise InputError(f"{width}x{height} needs about {needed / 2 ** 30:.1f} GiB to decode one image but "
+                         f"{free / 2 ** 30:.1f} GiB are free: lower the size (--H / --W) or use --vae-tiling")
 
 
 def _encode_prompts(model: LatentDiffusion, prompts: list[str]) -> torch.Tensor:
@@ -66,11 +109,12 @@ def generate(model: LatentDiffusion, prompts: str | Sequence[str], *, negative_p
     check_finite_options(guidance_scale=guidance_scale, eta=eta, strength=strength)
     if seed is None:
         seed = random.randint(0, MAX_SEED)
+    n_images = len(prompts) * n_samples
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= LAST_SEED - (n_images - 1):
+        raise InputError(f"seed must be a whole number from 0 to {LAST_SEED - (n_images - 1)} (image k uses seed + k, "
+                         f"up to 2**63 - 1), got {seed!r}")
     f = model.autoencoder.downsampling_factor
-    if init_image is not None:
-        width, height = width or init_image.width, height or init_image.height
-    height, width = height or native_size(model), width or native_size(model)
-    check_size(height, width, f)
+    height, width = resolve_size(model, height, width, init_image)
     if mask is not None and init_image is None:
         raise InputError("a mask needs an init image (inpainting keeps the unmasked part of it)")
     device = model.alphas_cumprod.device

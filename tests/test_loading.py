@@ -206,3 +206,12 @@ def test_checkpoints_written_before_the_typed_sections_still_load(tmp_path):
     assert translated == TextEncoderConfig(arch="ViT-L-14", layer="last", quick_gelu=True, pad_token_id=49407,
                                            with_projection=False, trainable=False)
     assert translated.to_original() == sd1_text
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, {"kind": "test"})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common.config import read_yaml
 from common.errors import InputError
-from ldm.cli import HelpFormatter, apply_overrides, pick_device, run_cli
+from ldm.cli import HelpFormatter, apply_overrides, pick_device, require_counts, run_cli
 from ldm.data.captions import AUTOENCODER_RECORD, WebDatasetCaptions, describe_autoencoder
 from ldm.formats.loading import autoencoder_record, model_from_training_config
 from ldm.model import LatentDiffusion
@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = p.parse_args()
+    require_counts(args, 'shard_size', 'batch_size')
     if "%" not in args.out:
         raise InputError(f"--out {args.out!r} needs a %d field for the shard number, e.g. 'latents/%06d.tar'")
     device = pick_device(args.device)

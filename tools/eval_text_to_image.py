@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 import ldm
 from common.errors import InputError
-from ldm.cli import HelpFormatter, run_cli
+from ldm.cli import HelpFormatter, require_counts, run_cli
 from ldm.data.captions import WebDatasetCaptions
 from ldm.pipeline import native_size
 
@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--grid-prompts", nargs="+", default=GRID_PROMPTS)
     p.add_argument("--grid-scale", type=float, default=5.0)
     args = p.parse_args()
+    require_counts(args, 'captions', 'seeds', 'steps', 'feature_size')
     torch.set_grad_enabled(False)
     model = ldm.load_model(args.ckpt).eval()
     size = native_size(model)

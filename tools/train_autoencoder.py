@@ -60,6 +60,8 @@ class AutoencoderTrainConfig(BaseTrainConfig):
     random_flip: bool = True
 
     at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "log_every", "eval_every", "sample_every", "ckpt_every")
+    positive: ClassVar[tuple[str, ...]] = ("base_lr",)
+    non_negative: ClassVar[tuple[str, ...]] = (*BaseTrainConfig.non_negative, "held_out")
 
     @property
     def lr(self) -> float:

@@ -54,6 +54,14 @@ def training_parser(description: str, *, config: str, config_help: str, data_hel
     return p
 
 
+def require_counts(args: argparse.Namespace, *names: str) -> None:
+    """InputError for a count option below 1 (`--batch-size 0`), named as on the command line."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value}")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` is cuda, then mps, then cpu; an unavailable device is a clear error."""
     if name == "auto":

@@ -26,6 +26,7 @@ from ldm.denoisers.attention import BACKENDS, set_attention_backend
 from ldm.formats.loading import DEFAULT_MODEL, load_model
 from ldm.images import make_grid
 from ldm.model import LatentDiffusion
+from ldm.pipeline import resolve_size
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 
@@ -91,6 +92,12 @@ def check_generation_args(args: argparse.Namespace) -> None:
     for name in ("n_samples", "n_iter", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for flag in ("H", "W"):  # None: the model's (or the init image's) size
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be a positive number of pixels, got {getattr(args, flag)}; leave it out "
+                             "for the model's native size")
+    if args.seed is not None and not 0 <= args.seed <= 2 ** 63 - 1:
+        raise InputError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
 
 
 def model_hash(path: Path) -> str:
@@ -219,6 +226,7 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
     steps_run = len(samplers.plan(args.sampler, model.schedule, args.steps).timesteps)
     if extra.get("init_image") is not None:
         steps_run = max(1, min(steps_run, int(extra["strength"] * steps_run)))
+    resolve_size(model, extra.get("height"), extra.get("width"), extra.get("init_image"))  # before the bar starts
     batches = args.n_iter * -(-per_iter // args.batch_size)
     bar = tqdm(total=batches * steps_run, desc=f"sampling {total_images} images", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
@@ -246,7 +254,7 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    print(f"wrote {total_images} images to {sample_dir}" + (f" and grids to {outdir}" if args.grid and total_images > 1 else "")
+    print(f"wrote {total_images} image{'s' if total_images != 1 else ''} to {sample_dir}" + (f" and grids to {outdir}" if args.grid and total_images > 1 else "")
           + f"; {seconds / total_images:.2f} s per image")
     return written
 

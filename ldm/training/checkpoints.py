@@ -184,6 +184,7 @@ def checkpoint_to_resume(root: Path, *, resume: bool) -> Path | None:
     if skipped:
         raise InputError(f"--resume: no intact checkpoint in {root} ({'; '.join(skipped)}); "
                          "remove the damaged folders to start over, or choose a new --out")
+    print(f"--resume: no checkpoint in {root} yet, so this run starts at step 0", flush=True)
     return None
 
 

@@ -1,6 +1,7 @@
 """The typed `train` sections of the trainers (their shared fields and checks), and the LDM learning-rate schedule."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -26,6 +27,8 @@ class BaseTrainConfig:
     seed: int = 0
 
     at_least_one: ClassVar[tuple[str, ...]] = ()  # sizes and periods: 0 would divide by zero or train nothing
+    positive: ClassVar[tuple[str, ...]] = ()  # learning rates and the like: > 0 and finite
+    non_negative: ClassVar[tuple[str, ...]] = ("ema_start", "keep_checkpoints", "num_workers")  # >= 0 and finite
 
     @classmethod
     def from_dict(cls: type[Config], d: dict[str, Any]) -> Config:
@@ -37,6 +40,16 @@ class BaseTrainConfig:
         for name in cls.at_least_one:
             if getattr(config, name) < 1:
                 raise InputError(f"train config: {name} must be >= 1, got {getattr(config, name)}")
+        for name in cls.positive:
+            if not math.isfinite(getattr(config, name)) or getattr(config, name) <= 0:
+                raise InputError(f"train config: {name} must be a number > 0, got {getattr(config, name)}")
+        for name in cls.non_negative:
+            if not math.isfinite(getattr(config, name)) or getattr(config, name) < 0:
+                raise InputError(f"train config: {name} must be a number >= 0, got {getattr(config, name)}")
+        if not all(0 <= b < 1 for b in config.adam_betas) or len(config.adam_betas) != 2:
+            raise InputError(f"train config: adam_betas must be two numbers in [0, 1), got {list(config.adam_betas)}")
+        if not 0 <= getattr(config, "ema_decay", 0) <= 1:
+            raise InputError(f"train config: ema_decay must be in [0, 1], got {config.ema_decay}")
         config.check()
         return config
 
@@ -73,10 +86,16 @@ class TrainConfig(BaseTrainConfig):
 
     at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "grad_accum", "max_steps", "log_every", "sample_every",
                                                "ckpt_every")
+    positive: ClassVar[tuple[str, ...]] = ("lr", "grad_clip")
+    non_negative: ClassVar[tuple[str, ...]] = (*BaseTrainConfig.non_negative, "warmup_steps", "weight_decay",
+                                               "offset_noise", "sample_scale")
 
     def check(self) -> None:
         if self.min_snr_gamma is not None:
             self.min_snr_gamma = float(self.min_snr_gamma)
+            if not math.isfinite(self.min_snr_gamma) or self.min_snr_gamma <= 0:
+                raise InputError(f"train config: min_snr_gamma must be a number > 0 (5 in the paper) or null, "
+                                 f"got {self.min_snr_gamma}")
         if not 0 <= self.caption_dropout <= 1:
             raise InputError(f"train config: caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
