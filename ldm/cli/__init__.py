@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -92,6 +93,7 @@ def run_cli(main: Callable[[], Any]) -> None:
     """Run `main`; bad input prints one line `error: ...` and exits 2, with no traceback. So does a full
     disk met by any write (the writers in common.checkpoint also remove their partial file and say how
     much space the write needed)."""
+    warnings.showwarning = _show_warning
     try:
         main()
     except InputError as exc:
@@ -114,6 +116,12 @@ def run_cli(main: Callable[[], Any]) -> None:
         print(f"error: disk full{' at ' + str(where) if where else ''}: free space or choose another output folder",
               file=sys.stderr)
         sys.exit(2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line `warning: ...` above any progress bar (tqdm.write redraws the bar below it),
+    without the source line Python prints by default."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def _close_progress_bars() -> None:
