@@ -98,3 +98,19 @@ def test_count_options_below_one_are_refused(tmp_path, script, args, message):
     args = [a.replace("OUT", str(tmp_path / "out")).replace("IMAGES", str(tmp_path / "IMAGES")) for a in args]
     assert_one_line_error(run(script, *args), message)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout, outdir, message", [
+    ("file", "out", "is a file, but the images go into a folder there: remove it or choose another --outdir"),
+    ("samples-file", "out", "samples is a file, but the images go into a folder there"),
+    ("file", "out/deeper", "is a file, so"),
+])
+def test_bad_output_locations_are_refused_before_the_model_loads(tmp_path, layout, outdir, message):
+    if layout == "file":
+        (tmp_path / "out").write_text("not a folder")
+    else:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "samples").write_text("not a folder")
+    result = run("txt2img.py", "--prompt", "red apple", "--outdir", tmp_path / outdir, "--ckpt",
+                 tmp_path / "missing.safetensors")  # the missing model is never reached: the folder is checked first
+    assert_one_line_error(result, message)

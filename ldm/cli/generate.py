@@ -98,6 +98,21 @@ def check_generation_args(args: argparse.Namespace) -> None:
                              "for the model's native size")
     if args.seed is not None and not 0 <= args.seed <= 2 ** 63 - 1:
         raise InputError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
+    check_output_folder(Path(args.outdir))
+
+
+def check_output_folder(outdir: Path) -> None:
+    """Before the model loads: `outdir` and `outdir/samples` are folders (or can be made) we may write in."""
+    for folder in (outdir, outdir / "samples"):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file, but the images go into a folder there: remove it or choose "
+                             "another --outdir")
+    existing = next((f for f in (outdir / "samples", outdir, *outdir.resolve().parents) if f.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"{existing} is a file, so {outdir} cannot be made: choose another --outdir")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing} is not writable, so the images cannot be written to {outdir}: choose "
+                         "another --outdir")
 
 
 def model_hash(path: Path) -> str:
