@@ -114,3 +114,10 @@ def test_bad_output_locations_are_refused_before_the_model_loads(tmp_path, layou
     result = run("txt2img.py", "--prompt", "red apple", "--outdir", tmp_path / outdir, "--ckpt",
                  tmp_path / "missing.safetensors")  # the missing model is never reached: the folder is checked first
     assert_one_line_error(result, message)
+
+
+def test_train_ldm_hint_names_shards_not_image_folders(tmp_path):
+    result = run("train_ldm.py", "--data", tmp_path / "missing.tar", "--out", tmp_path / "run",
+                 "model.random_autoencoder=true")
+    assert_one_line_error(result, "point --data at webdataset shards like 'shards/{000000..000009}.tar' "
+                                  "(tools/make_shards.py packs a folder of images into shards)")

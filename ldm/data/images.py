@@ -34,6 +34,9 @@ from ldm.images import open_image, to_rgb
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # webdataset keys are extensions, lower-cased
 DATA_HINT = "point --data at a folder of images or at webdataset shards like 'shards/{000000..000009}.tar'"
+# Where only shards are read (train_ldm, encode_latents, eval_text_to_image): no folder of images there.
+SHARD_HINT = ("point --data at webdataset shards like 'shards/{000000..000009}.tar' (tools/make_shards.py packs a "
+              "folder of images into shards)")
 
 
 @dataclass
@@ -199,7 +202,7 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     if missing or not expanded:
         first = f" (first: {missing[0]})" if missing else ""
         shown = " ".join(patterns)
-        raise InputError(f"{len(missing)} of the {len(expanded)} shards in {shown!r} do not exist{first}; {DATA_HINT}")
+        raise InputError(f"{len(missing)} of the {len(expanded)} shards in {shown!r} do not exist{first}; {SHARD_HINT}")
     return expanded
 
 
