@@ -129,6 +129,9 @@ def test_txt2img_files_seeds_and_grids(batch_run):
         assert grid.shape == (NATIVE, 2 * NATIVE, 3)  # 1 row x 2 columns (one prompt, 2 samples)
         left, right = (pixels(outdir / "samples" / f"{first + k:05d}.png") for k in (0, 1))
         assert np.array_equal(grid[:, :NATIVE], left) and np.array_equal(grid[:, NATIVE:], right)
+        with Image.open(outdir / grid_path) as image:  # the grid carries its first image's parameters
+            with Image.open(outdir / "samples" / f"{first:05d}.png") as sample:
+                assert image.text["parameters"] == sample.text["parameters"]
     images = [pixels(outdir / "samples" / name) for name in samples]
     assert all(a.shape == (NATIVE, NATIVE, 3) for a in images)
     assert all(not np.array_equal(images[0], other) for other in images[1:])  # seeds matter

@@ -263,8 +263,9 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
                 index += 1
             if args.grid and len(images) > 1:
                 grid = make_grid(images, columns=args.n_samples if len(prompts) > 1 else min(len(images), 4))
+                # The grid carries its first image's parameters, as A1111's grids do.
                 grid_path, _ = save_numbered(outdir, "grid-{:04d}.png", next_index(outdir, r"grid-(\d+)\.png"),
-                                             png_bytes(grid))
+                                             png_bytes(grid, png_info(images[0], params)))
                 written.append(grid_path)
     finally:
         bar.close()
