@@ -81,6 +81,13 @@ class LatentDiffusion(nn.Module):
         return self.config.denoiser.in_channels - self.config.autoencoder.embed_dim
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels: the autoencoder's factor times the denoiser's
+        own (`latent_multiple`: 2 ** downsamplings of a UNet, the patch size of a DiT); e.g. 64 for SD."""
+        own = 1 if self.config.denoiser is None else self.config.denoiser.latent_multiple
+        return self.autoencoder.downsampling_factor * own
+
+    @property
     def scale_factor(self) -> float:
         return self.config.autoencoder.scale_factor
 

@@ -55,13 +55,13 @@ def available_memory(device: torch.device) -> int | None:
 def resolve_size(model: LatentDiffusion, height: int | None = None, width: int | None = None,
                  init_image: Image.Image | None = None) -> tuple[int, int]:
     """(height, width) of the images `generate` makes, checked: given, else the init image's, else the model's
-    native size; a multiple of the autoencoder's factor, and small enough to decode (`check_memory`)."""
+    native size; a multiple of `model.size_multiple`, and small enough to decode (`check_memory`)."""
     if init_image is not None:
         width = init_image.width if width is None else width
         height = init_image.height if height is None else height
     height = native_size(model) if height is None else height
     width = native_size(model) if width is None else width
-    check_size(height, width, model.autoencoder.downsampling_factor)
+    check_size(height, width, model.size_multiple)
     check_memory(model, height, width, model.alphas_cumprod.device, next(model.autoencoder.parameters()).dtype)
     return height, width
 

@@ -30,7 +30,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     (["--H", "0"], "--H must be a positive number of pixels, got 0; leave it out for the model's native size"),
     (["--seed", str(2 ** 70)], "--seed must be a whole number from 0 to 2**63 - 1"),
     (["--H", "100000", "--W", "100000"], "100000x100000 needs about"),
-    (["--H", "2"], "height 2 is too small: use at least 4 pixels"),
+    (["--H", "2"], "height 2 is too small: use at least 16 pixels"),  # f 4 x UNet 4
 ])
 def test_txt2img_refuses_nonsense_sizes_and_seeds(tmp_path, args, message):
     result = run("txt2img.py", "--prompt", "red apple", "--outdir", tmp_path / "out", *args)
@@ -121,3 +121,15 @@ def test_train_ldm_hint_names_shards_not_image_folders(tmp_path):
                  "model.random_autoencoder=true")
     assert_one_line_error(result, "point --data at webdataset shards like 'shards/{000000..000009}.tar' "
                                   "(tools/make_shards.py packs a folder of images into shards)")
+
+
+def test_sizes_are_multiples_of_what_the_whole_model_needs():
+    """The default model: f = 4 autoencoder x a UNet with 3 levels (4) = 16 px; 20 px would give a 5-latent
+    map that the UNet's skip connections cannot meet again (it crashed deep in torch before)."""
+    model = ldm.load_model()
+    assert model.size_multiple == model.autoencoder.downsampling_factor * 2 ** (len(model.config.denoiser.channel_mult) - 1)
+    multiple = model.size_multiple
+    with pytest.raises(ldm.InputError, match=f"height {multiple + 4} is not a multiple of {multiple}; use {multiple} "
+                                             f"or {2 * multiple}"):
+        model.generate("red apple", height=multiple + 4, width=multiple, steps=1, seed=0)
+    assert model.generate("red apple", height=2 * multiple, width=multiple, steps=1, seed=0)[0].size == (multiple, 2 * multiple)

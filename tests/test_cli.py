@@ -325,8 +325,8 @@ def test_run_cli_out_of_memory(capsys):
 
 
 def test_img2img_inpainting_with_resize(tiny_ckpt, tmp_path):
-    """A 37x45 image is resized to 36x44 (multiple of f=2) with a note; the black (keep) part of the
-    mask comes back pixel for pixel, the white part is repainted."""
+    """A 37x45 image is resized to 36x44 (multiple of 4: f=2 x the UNet's 2) with a note; the black (keep) part
+    of the mask comes back pixel for pixel, the white part is repainted."""
     source = write_real_images(tmp_path / "src", 1, size=48)[0]
     with Image.open(source) as image:
         init = image.convert("RGB").resize((37, 45), Image.BICUBIC)
@@ -337,7 +337,7 @@ def test_img2img_inpainting_with_resize(tiny_ckpt, tmp_path):
                  "--mask", tmp_path / "mask.png", "--prompt", PROMPT, "--strength", 0.8, "--steps", 2, "--seed", 5,
                  "--outdir", outdir)
     assert result.returncode == 0, result.stderr
-    assert "resized the init image from 37x45 to 36x44 (a multiple of 2)" in result.stdout
+    assert "resized the init image from 37x45 to 36x44 (a multiple of 4)" in result.stdout  # f 2 x UNet 2
     out_path = outdir / "samples" / "00000.png"
     out = pixels(out_path).astype(int)
     assert out.shape == (44, 36, 3)
@@ -389,7 +389,7 @@ def assert_one_line_error(code: int, err: str, expected: str, prefix: str = "err
 CKPT = ["--ckpt", "{ckpt}", "--outdir", "{out}", "--steps", "2"]
 BAD_INPUTS = {  # name: (script, arguments, part of the message)
     "size not a multiple of f": ("txt2img.py", CKPT + ["--prompt", "a", "--H", "33"],
-                                 "height 33 is not a multiple of 2; use 32 or 34"),
+                                 "height 33 is not a multiple of 4; use 32 or 36"),  # f 2 x UNet 2
     "too many steps": ("txt2img.py", CKPT + ["--prompt", "a", "--steps", "5000"], "from 1 to 1000"),
     "negative scale": ("txt2img.py", CKPT + ["--prompt", "a", "--scale", "-1"], "--scale must be >= 0, got -1"),
     "no prompt": ("txt2img.py", CKPT, "give either --prompt or --from-file"),

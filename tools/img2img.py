@@ -5,7 +5,8 @@
     python tools/img2img.py --init-img photo.png --mask mask.png --prompt "a red sofa"   # white = repaint
 
 The init image is read as the training data is (upright by its EXIF tag, 16-bit scaled to 8 bits,
-transparency on white) and resized to a multiple of the model's downsampling factor (8 for SD) if needed.
+transparency on white) and resized to a multiple of what the whole model needs
+(64 px for SD: the autoencoder's 8 x the UNet's 8) if needed.
 `--strength` 1 starts from (almost) pure noise, small values stay close to the input. With
 `--mask`, only the white part is repainted: the black part is kept by re-noising the known latent
 at every step (any model), or through the extra input channels of an SD inpainting checkpoint.
@@ -51,7 +52,7 @@ def main() -> None:
         raise InputError(f"the mask is {mask.width}x{mask.height} but the init image is {init.width}x{init.height}; "
                          "give a mask of the same size")
     model, device, digest = load_for_generation(args)
-    f = model.autoencoder.downsampling_factor
+    f = model.size_multiple  # the autoencoder's factor times the denoiser's own
     width, height = max(f, init.width // f * f), max(f, init.height // f * f)
     if (width, height) != init.size:
         print(f"note: resized the init image from {init.width}x{init.height} to {width}x{height} "

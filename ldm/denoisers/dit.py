@@ -81,6 +81,11 @@ class DiTConfig:
         if self.pool_context and self.context_dim is None:
             raise InputError("dit config: pool_context needs context_dim (the width of the context tokens)")
 
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of the patch size."""
+        return self.patch_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -96,6 +96,12 @@ class UNetConfig:
                 raise InputError(f"unet config: {w} channels do not split into whole heads "
                                  f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels})")
 
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of this: each level but the last halves the map, and the way up
+        must meet the skip connections at the same size."""
+        return 2 ** (len(self.channel_mult) - 1)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channel_mult"] = list(self.channel_mult)
