@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ def check_keys(cls: type, d: dict[str, Any], section: str) -> None:
 
 
 def coerce_numbers(obj: Any, section: str) -> None:
-    """Convert int/float fields given as strings (YAML 1.1 reads `1e-4` as a string) or a bad type error."""
+    """Convert int/float fields given as strings (YAML 1.1 reads `1e-4` as a string) or a bad type error;
+    NaN and infinity are refused too (NaN passes every range check a config makes after this)."""
     for f in dataclasses.fields(obj):
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         if kind not in ("int", "float"):
@@ -27,12 +29,15 @@ def coerce_numbers(obj: Any, section: str) -> None:
         value = getattr(obj, f.name)
         try:
             number = float(value)
-            if kind == "int" and number != int(number):
+            finite = math.isfinite(number)
+            if finite and kind == "int" and number != int(number):
                 raise ValueError
-            setattr(obj, f.name, int(number) if kind == "int" else number)
         except (TypeError, ValueError):
             raise InputError(f"{section} config: {f.name} must be {'a whole number' if kind == 'int' else 'a number'}, "
                              f"got {value!r}") from None
+        if not finite:
+            raise InputError(f"{section} config: {f.name} must be a finite number, got {number}")
+        setattr(obj, f.name, int(number) if kind == "int" else number)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

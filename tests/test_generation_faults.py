@@ -88,7 +88,7 @@ def test_non_finite_config_numbers_are_refused():
             ldm.LDMConfig(autoencoder=TINY_AE, **{name: 0.0})
     config = _tiny_model(4).config.to_dict()
     config["denoiser"]["dropout"] = NAN
-    with pytest.raises(ldm.InputError, match="denoiser config: dropout must be a finite number, got nan"):
+    with pytest.raises(ldm.InputError, match="unet config: dropout must be a finite number, got nan"):
         ldm.LDMConfig.from_dict(config)
 
 
