@@ -14,6 +14,7 @@ import torch
 
 from common.errors import InputError
 from ldm.denoisers.unet import UNetConfig
+from ldm.text import HF_CLIP_TARGET
 from ldm.text.keymaps import open_clip_to_hf_clip
 
 _FIRST_STAGE = {
@@ -117,7 +118,7 @@ def to_original_state_dict(model) -> dict[str, torch.Tensor]:
         if prefix is not None:
             state[_PREFIXES[prefix] + key[len(prefix):]] = value
     text = model.config.text_encoder
-    if text is not None and text.to_original()["target"].endswith("FrozenCLIPEmbedder"):
+    if text is not None and text.to_original()["target"] == HF_CLIP_TARGET:
         # SD 1.x keeps its CLIP in Hugging Face layout
         hf = open_clip_to_hf_clip(_strip(state, "cond_stage_model."))
         state = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}

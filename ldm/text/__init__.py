@@ -15,8 +15,9 @@ from common.errors import InputError
 from ldm.text.encoders import LAYERS, OpenCLIPTextEncoder, SmallTextEncoder
 from ldm.text.tokenizer import EOT_TOKEN, VOCAB_SIZE
 
-ORIGINAL_TARGETS = ("ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                    "ldm.modules.encoders.modules.FrozenCLIPEmbedder")
+OPEN_CLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"  # SD 2.x
+HF_CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"  # SD 1.x
+ORIGINAL_TARGETS = (OPEN_CLIP_TARGET, HF_CLIP_TARGET)
 
 
 @dataclass
@@ -91,11 +92,10 @@ class TextEncoderConfig:
                    with_projection=False, context_length=77)
         freeze = {} if not self.trainable else {"freeze": False}
         if all(getattr(self, k) == v for k, v in sd1.items()):
-            section: dict[str, Any] = {"target": ORIGINAL_TARGETS[1]}
-            return {**section, "params": freeze} if freeze else section
+            return {"target": HF_CLIP_TARGET, "params": freeze} if freeze else {"target": HF_CLIP_TARGET}
         sd2 = dict(kind="open_clip", quick_gelu=False, pad_token_id=0, with_projection=True, context_length=77)
         if all(getattr(self, k) == v for k, v in sd2.items()):
-            return {"target": ORIGINAL_TARGETS[0], "params": {"arch": self.arch, "layer": self.layer, **freeze}}
+            return {"target": OPEN_CLIP_TARGET, "params": {"arch": self.arch, "layer": self.layer, **freeze}}
         raise InputError("this text encoder has no original-format equivalent (only SD 1.x's CLIP ViT-L and "
                          "SD 2.x-style OpenCLIP towers do); keep our format")
 
