@@ -58,7 +58,8 @@ def test_seed_range_is_checked_for_every_image():
 
 @pytest.mark.parametrize("override, message", [
     ("train.lr=-1", "train config: lr must be a number > 0, got -1.0"),
-    ("train.weight_decay=.nan", "train config: weight_decay must be a number >= 0, got nan"),
+    ("train.weight_decay=.nan", "train config: weight_decay must be a finite number, got nan"),
+    ("train.weight_decay=-0.1", "train config: weight_decay must be a number >= 0, got -0.1"),
     ("train.ema_decay=2", "train config: ema_decay must be in [0, 1], got 2.0"),
     ("train.min_snr_gamma=0", "train config: min_snr_gamma must be a number > 0"),
     ("train.adam_betas=[0.9,1.5]", "train config: adam_betas must be two numbers in [0, 1)"),

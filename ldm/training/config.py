@@ -41,10 +41,10 @@ class BaseTrainConfig:
             if getattr(config, name) < 1:
                 raise InputError(f"train config: {name} must be >= 1, got {getattr(config, name)}")
         for name in cls.positive:
-            if not math.isfinite(getattr(config, name)) or getattr(config, name) <= 0:
+            if getattr(config, name) <= 0:  # finite already: coerce_numbers refuses NaN / inf
                 raise InputError(f"train config: {name} must be a number > 0, got {getattr(config, name)}")
         for name in cls.non_negative:
-            if not math.isfinite(getattr(config, name)) or getattr(config, name) < 0:
+            if getattr(config, name) < 0:
                 raise InputError(f"train config: {name} must be a number >= 0, got {getattr(config, name)}")
         if not all(0 <= b < 1 for b in config.adam_betas) or len(config.adam_betas) != 2:
             raise InputError(f"train config: adam_betas must be two numbers in [0, 1), got {list(config.adam_betas)}")
