@@ -5,8 +5,28 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import check_keys, coerce_numbers
+from common.config import check_keys, check_length, check_range, coerce_numbers, require_mapping, whole_numbers
 from common.errors import InputError
+
+# Bounds that every real first stage is far inside (SD 1.x/2.x/SDXL: ch 128, ch_mult [1, 2, 4, 4], 2 res
+# blocks, 4 latent channels; SD3 / Flux: 16), so that a broken or hostile config inside a checkpoint is
+# refused before anything is built instead of asking for terabytes.
+MAX_WIDTH = 4096      # channels of any layer, ch * ch_mult[i] (real ones: 512); a 3x3 conv at 4096 is 0.6 GB
+MAX_CHANNELS = 1024   # image and latent channels
+BOUNDS = {"ch": (1, MAX_WIDTH), "ch_mult": (1, 64), "num_res_blocks": (1, 64), "in_channels": (1, MAX_CHANNELS),
+          "out_ch": (1, MAX_CHANNELS), "z_channels": (1, MAX_CHANNELS), "embed_dim": (1, MAX_CHANNELS),
+          "resolution": (1, 65536), "attn_resolutions": (0, 65536)}
+MAX_LEVELS = 8        # len(ch_mult): a downsampling factor of at most 2 ** 7 = 128
+
+
+def check_bounds(config: "AutoencoderConfig") -> None:
+    """InputError for a size outside `BOUNDS` (entries of list fields each), more than `MAX_LEVELS` levels,
+    or a layer wider than `MAX_WIDTH` channels."""
+    check_range(config, "autoencoder config", BOUNDS)
+    check_length(config.ch_mult, "autoencoder config", "ch_mult", 1, MAX_LEVELS)
+    widest = config.ch * max(config.ch_mult)
+    if widest > MAX_WIDTH:
+        raise InputError(f"autoencoder config: ch x ch_mult gives layers of {widest} channels; at most {MAX_WIDTH}")
 
 
 @dataclass
@@ -33,13 +53,14 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         coerce_numbers(self, "autoencoder")
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        self.ch_mult = whole_numbers(self.ch_mult, "autoencoder config", "ch_mult")
+        self.attn_resolutions = whole_numbers(self.attn_resolutions, "autoencoder config", "attn_resolutions")
         if not self.ch_mult:
             raise InputError("autoencoder config: ch_mult must name at least one level, e.g. [1, 2, 4, 4]")
         for name in ("ch", "num_res_blocks", "in_channels", "out_ch", "z_channels", "embed_dim"):
             if getattr(self, name) < 1:
                 raise InputError(f"autoencoder config: {name} must be >= 1, got {getattr(self, name)}")
+        check_bounds(self)
         if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
             raise InputError(
                 f"autoencoder config: ch={self.ch} x ch_mult={list(self.ch_mult)} must give channel counts "
@@ -64,6 +85,7 @@ class AutoencoderConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
         """Build from our dict or an original `ddconfig` (extra original-only keys are refused by name)."""
+        require_mapping(d, "autoencoder config")
         # Original ddconfig keys we accept only at the value every SD first stage uses.
         fixed = {"resamp_with_conv": True, "attn_type": "vanilla", "use_linear_attn": False,
                  "give_pre_end": False, "tanh_out": False}

@@ -4,7 +4,7 @@
     prompt -> text encoder (text/) -> context -> sampler (samplers/) -> decoder -> image (pipeline.py)
 """
 from common.errors import InputError
-from ldm import pipeline, samplers
+from ldm import lora, pipeline, samplers
 from ldm.config import LDMConfig
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.formats.configs import load_ldm_config
@@ -12,4 +12,4 @@ from ldm.formats.loading import load_autoencoder, load_model, save_autoencoder, 
 from ldm.model import LatentDiffusion
 
 __all__ = ["InputError", "LDMConfig", "LatentDiffusion", "NoiseSchedule", "load_autoencoder", "load_ldm_config",
-           "load_model", "pipeline", "samplers", "save_autoencoder", "save_model"]
+           "load_model", "lora", "pipeline", "samplers", "save_autoencoder", "save_model"]

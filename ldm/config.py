@@ -12,12 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoencoder.config import AutoencoderConfig
-from common.config import check_keys, coerce_numbers
+from common.config import check_keys, check_range, coerce_numbers, require_mapping
 from common.errors import InputError
+from ldm.conditioner import ConditionerConfig
 from ldm.denoisers import DenoiserConfig, denoiser_config, denoiser_to_dict
 from ldm.diffusion.parameterization import PARAMETERIZATIONS
 from ldm.diffusion.schedule import BETA_SCHEDULES
+from ldm.samplers.discretization import SPACINGS
 from ldm.text import TextEncoderConfig
+
+# Far above every real model (SD and DDPM: 1000 steps; SD 2.x 768-v: 96 x 96 latents) and far below what
+# could not be held: a broken or hostile config inside a checkpoint is refused before the schedule (a table
+# of `timesteps` entries) or anything else is allocated.
+BOUNDS = {"timesteps": (1, 100_000), "image_size": (1, 4096)}
 
 
 @dataclass
@@ -34,22 +41,31 @@ class LDMConfig:
     image_size: int | None = None     # native latent size (64 for SD 1.x: 512 px); None: the autoencoder's
     # None means "not part of this model" (an autoencoder alone).
     denoiser: DenoiserConfig | None = None
-    text_encoder: TextEncoderConfig | None = None
+    text_encoder: TextEncoderConfig | ConditionerConfig | None = None  # a conditioner: SDXL's text + sizes
+    timestep_spacing: str | None = None  # the samplers' default spacing (None: each sampler's own; SDXL: "sgm")
 
     def __post_init__(self) -> None:
-        if isinstance(self.autoencoder, dict):
+        if not isinstance(self.autoencoder, AutoencoderConfig):
             self.autoencoder = AutoencoderConfig.from_dict(self.autoencoder)
-        if self.denoiser is not None:
+        if self.denoiser is not None and not isinstance(self.denoiser, DenoiserConfig):
+            require_mapping(self.denoiser, "denoiser config")
             self.denoiser = denoiser_config(self.denoiser)
-        if self.text_encoder is not None and not isinstance(self.text_encoder, TextEncoderConfig):
-            self.text_encoder = TextEncoderConfig.from_dict(self.text_encoder)
+        if self.text_encoder is not None and not isinstance(self.text_encoder, (TextEncoderConfig, ConditionerConfig)):
+            require_mapping(self.text_encoder, "text_encoder config")
+            kind = ConditionerConfig if self.text_encoder.get("kind") == "conditioner" else TextEncoderConfig
+            self.text_encoder = kind.from_dict(self.text_encoder)
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
+            raise InputError(f"timestep_spacing {self.timestep_spacing!r} is not one of {', '.join(SPACINGS)}")
         coerce_numbers(self, "model")  # the sections checked their own numbers (finite ones) when built
+        if not isinstance(self.zero_terminal_snr, bool):
+            raise InputError(f"model config: zero_terminal_snr must be true or false, got {self.zero_terminal_snr!r}")
         if self.parameterization not in PARAMETERIZATIONS:
             raise InputError(f"parameterization {self.parameterization!r} is not one of {', '.join(PARAMETERIZATIONS)}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise InputError(f"beta_schedule {self.beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
         if self.timesteps < 1:
             raise InputError(f"timesteps must be >= 1, got {self.timesteps}")
+        check_range(self, "model config", BOUNDS)
         for name in ("linear_start", "linear_end"):  # betas of the linear schedules: probabilities of noise
             if not 0 < getattr(self, name) < 1:
                 raise InputError(f"{name} must be in (0, 1) (SD: 0.00085 and 0.012), got {getattr(self, name)}")
@@ -66,5 +82,5 @@ class LDMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LDMConfig":
-        check_keys(cls, d, "model")
+        check_keys(cls, d, "model")  # also refuses a config that is no mapping (null, a list, a number)
         return cls(**d)

@@ -2,6 +2,8 @@
 generation (init images, masks) and training data (`ldm.data.images`) alike."""
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -9,13 +11,30 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from common.errors import InputError
+
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def open_image(source: str | Path | IO[bytes]) -> Image.Image:
     """An image file, upright (EXIF rotation applied). Decoded fully now, so corrupt or truncated data fails
-    here, inside the caller's error handling."""
-    with Image.open(source) as image:
+    here, inside the caller's error handling.
+
+    An image of more than PIL's `Image.MAX_IMAGE_PIXELS` (about 89 million, 9459 x 9459) is refused from its
+    header, before anything is decoded, with an InputError: a decompression bomb (a small file that decodes
+    to gigabytes), or a picture far larger than any model works at. PIL itself only warns up to twice that.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(source)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))  # PIL's text: "Image size (N pixels) exceeds ..."
+            size = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than allowed"
+            raise InputError(f"image refused before decoding: its header says {size}, more than the "
+                             f"{Image.MAX_IMAGE_PIXELS:,} read here (a decompression bomb, or far larger than any "
+                             "model works at); if it is a real picture, downscale it first") from None
+    with opened as image:
         image.load()
         return ImageOps.exif_transpose(image)  # photos stored sideways with an EXIF rotation tag
 

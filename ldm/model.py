@@ -15,11 +15,12 @@ from torch import nn
 from autoencoder import AutoencoderKL
 from common.errors import InputError
 from ldm import samplers
+from ldm.conditioner import build_conditioning
 from ldm.config import LDMConfig
 from ldm.denoisers import build_denoiser
 from ldm.denoisers.attention import fuse_qkv_projections
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.text import build_text_encoder
+from ldm.samplers.guidance import Conditioning, as_denoiser_kwargs
 
 
 def check_finite_options(**options: float) -> None:
@@ -33,8 +34,9 @@ class LatentDiffusion(nn.Module):
     """Latent diffusion model (Rombach et al. 2022).
 
     Attributes: `autoencoder` (AutoencoderKL), `denoiser` and `text_encoder` (None where the model
-    has none), `alphas_cumprod` (float32 [T]), `parameterization` ("eps", "v" or "x0") and
-    `scale_factor` (from the autoencoder's config: one home for the constant).
+    has none; SDXL's is its conditioner, which also embeds image sizes), `alphas_cumprod` (float32 [T]),
+    `parameterization` ("eps", "v" or "x0") and `scale_factor` (from the autoencoder's config: one home
+    for the constant).
     """
 
     def __init__(self, config: LDMConfig):
@@ -43,7 +45,12 @@ class LatentDiffusion(nn.Module):
         self.autoencoder = AutoencoderKL(config.autoencoder)
         self.denoiser: nn.Module | None = None if config.denoiser is None else build_denoiser(config.denoiser)
         self.text_encoder: nn.Module | None = (None if config.text_encoder is None
-                                               else build_text_encoder(config.text_encoder))
+                                               else build_conditioning(config.text_encoder))
+        vector = getattr(self.text_encoder, "vector_dim", None)
+        wanted = getattr(config.denoiser, "vector_dim", None)
+        if self.text_encoder is not None and config.denoiser is not None and vector != wanted:
+            raise InputError(f"the text conditioning gives a vector y of width {vector} but the denoiser takes "
+                             f"{wanted} (adm_in_channels): the text encoder and denoiser configs do not belong together")
         schedule = NoiseSchedule.make(config.beta_schedule, config.timesteps, config.linear_start, config.linear_end,
                                       zero_terminal_snr=config.zero_terminal_snr)
         self._config_schedule = schedule
@@ -100,15 +107,18 @@ class LatentDiffusion(nn.Module):
         return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, *, x_T: torch.Tensor,
+    def sample(self, cond: Conditioning, uncond: Conditioning | None = None, *, x_T: torch.Tensor,
                sampler: str = "ddim", steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0,
                generator: torch.Generator | None = None, callback=None, guidance_rescale: float = 0.0,
                init_latent: torch.Tensor | None = None, strength: float = 1.0,
-               keep_mask: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> torch.Tensor:
+               keep_mask: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+               timestep_spacing: str | None = None, start_step: int = 0, end_step: int | None = None) -> torch.Tensor:
         """Sample latents with classifier-free guidance (in the denoiser's latent space, before `/ scale_factor`).
 
-        `cond` / `uncond` are text-encoder contexts (B, tokens, dim); `x_T` is the starting noise
-        (B, C, h, w). See `ldm.samplers.sample` for the samplers and for img2img (`init_latent`, `strength`)
+        `cond` / `uncond` are text-encoder contexts (B, tokens, dim), or dicts {"context": ..., "y": ...}
+        where the denoiser also takes a vector (SDXL: `text_encoder.condition(...)` gives them); `x_T` is the
+        starting noise (B, C, h, w). `timestep_spacing` defaults to the model's (`config.timestep_spacing`:
+        sgm's for SDXL); `start_step` / `end_step` run part of the steps (a base -> refiner hand-off). See `ldm.samplers.sample` for the samplers and for img2img (`init_latent`, `strength`)
         and inpainting by blending (`keep_mask`). `concat` (B, `concat_channels`, h, w) is joined to x on
         the channel axis at every denoiser call: the original LDM's `c_concat`, e.g. SD inpainting's mask
         and masked-image latent.
@@ -117,22 +127,25 @@ class LatentDiffusion(nn.Module):
             raise InputError("this model has no denoiser, so it cannot sample; load a full latent diffusion checkpoint")
         check_finite_options(guidance_scale=guidance_scale, eta=eta, guidance_rescale=guidance_rescale,
                              strength=strength)
-        if cond.shape[0] != x_T.shape[0]:
-            raise InputError(f"cond has batch {cond.shape[0]} but x_T has batch {x_T.shape[0]}; give one context per sample")
+        batch = as_denoiser_kwargs(cond)["context"].shape[0]
+        if batch != x_T.shape[0]:
+            raise InputError(f"cond has batch {batch} but x_T has batch {x_T.shape[0]}; give one context per sample")
         given = 0 if concat is None else concat.shape[1]
         if given != self.concat_channels:
             raise InputError(f"this denoiser takes {self.concat_channels} extra input channels (concat) but "
                              f"{given} were given; inpainting models need a mask and an init image")
         denoiser = self.denoiser
         if concat is not None:
-            def denoiser(x, t, context):  # under guidance x holds [uncond, cond]: repeat the extra channels
+            def denoiser(x, t, **conditioning):  # under guidance x holds [uncond, cond]: repeat the extra channels
                 extra = concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1)
-                return self.denoiser(torch.cat([x, extra], dim=1), t, context)
+                return self.denoiser(torch.cat([x, extra], dim=1), t, **conditioning)
         model_fn = samplers.guided_model_fn(denoiser, cond, uncond, guidance_scale=guidance_scale,
                                             guidance_rescale=guidance_rescale)
         return samplers.sample(model_fn, x_T, self.schedule, sampler=sampler, steps=steps,
                                parameterization=self.parameterization, eta=eta, generator=generator,
-                               callback=callback, init_latent=init_latent, strength=strength, keep_mask=keep_mask)
+                               callback=callback, init_latent=init_latent, strength=strength, keep_mask=keep_mask,
+                               timestep_spacing=timestep_spacing or self.config.timestep_spacing,
+                               start_step=start_step, end_step=end_step)
 
     def encode_images(self, images: torch.Tensor, *, sample: bool = True,
                       generator: torch.Generator | None = None) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_original_ckpt_with_yaml_config(tmp_path):
     model = ldm.load_model(tmp_path / "orig.ckpt", config=_original_config(tmp_path))
     assert model.scale_factor == pytest.approx(0.18215) and model.parameterization == "eps"
     assert torch.equal(model.autoencoder.encoder.conv_in.weight, ae.encoder.conv_in.weight)
-    with pytest.raises(InputError, match="cannot infer the architecture.*pass config="):
+    with pytest.raises(InputError, match="neither SD 1.x/2.x nor SDXL.*found .*pass config="):
         ldm.load_model(tmp_path / "orig.ckpt")
 
 

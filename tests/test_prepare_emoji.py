@@ -97,3 +97,48 @@ def test_held_out_split_is_fixed_by_key_and_disjoint(tmp_path):
     train0, held0, _ = run(tmp_path / "c", 0.0)
     assert held0 == [] and sorted(train0) == sorted(keys) and not list((tmp_path / "c").glob("held-out-*"))
     assert sum(is_held_out(f"k{i}", 0.01) for i in range(20000)) in range(150, 250)  # about 1%
+
+
+def _prepare(tmp_path, meta, art, *extra):
+    return subprocess.run([sys.executable, "tools/prepare_emoji.py", "--meta", str(meta), "--art", str(art), "--out",
+                           str(tmp_path / "shards" / "%06d.tar"), "--size", "16", *extra], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+
+
+def test_undecodable_images_are_skipped_and_counted(tmp_path):
+    _tgz(tmp_path / "meta.tgz", {"package/emoji.json": json.dumps(ENTRIES).encode()})
+    truncated = _png((10, 200, 10, 255))[:60]
+    _tgz(tmp_path / "twitter.tgz", {"package/img/twitter/64/1f34e.png": _png((220, 30, 30, 255)),
+                                    "package/img/twitter/64/1f1ef-1f1f5.png": b"not a png at all",
+                                    "package/img/twitter/64/1f385.png": truncated,
+                                    "package/img/twitter/64/1f385-1f3ff.png": _png((90, 50, 20, 255))})
+    result = _prepare(tmp_path, tmp_path / "meta.tgz", tmp_path / "twitter.tgz")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 images that could not be decoded, e.g. twitter/1f385.png" in result.stdout  # sort order
+    summary = json.loads((tmp_path / "shards" / "summary.json").read_text())
+    assert summary["samples"] == 2 and summary["undecodable_images"] == 2 and summary["missing_images"] == 1
+    keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "shards" / "000000.tar"), shardshuffle=False)]
+    assert keys == ["twitter_1f385-1f3ff", "twitter_1f34e"]
+
+
+def test_broken_packages_give_one_line_errors(tmp_path):
+    """A file that is not a .tgz, a truncated .tgz, and an emoji.json that is not JSON: exit 2, one line each."""
+    (tmp_path / "notes.tgz").write_text("just text, not an archive")
+    _tgz(tmp_path / "bad-json.tgz", {"package/emoji.json": b'[{"name": "RED APPLE", "image": '})
+    _tgz(tmp_path / "meta.tgz", {"package/emoji.json": json.dumps(ENTRIES).encode()})
+    _tgz(tmp_path / "twitter.tgz", {f"package/img/twitter/64/{k}.png": _png((k, 0, 0, 255)) for k in range(40)})
+    data = (tmp_path / "twitter.tgz").read_bytes()
+    (tmp_path / "truncated.tgz").write_bytes(data[:len(data) // 2])
+    cases = [("notes.tgz", "twitter.tgz",
+              f"{tmp_path / 'notes.tgz'} cannot be read as a .tgz package (not a .tgz or .tar archive)"),
+             ("bad-json.tgz", "twitter.tgz", f"package/emoji.json in {tmp_path / 'bad-json.tgz'} is not JSON ("),
+             ("meta.tgz", "truncated.tgz", f"{tmp_path / 'truncated.tgz'} cannot be read as a .tgz package")]
+    runs = [subprocess.Popen([sys.executable, "tools/prepare_emoji.py", "--meta", str(tmp_path / meta), "--art",
+                              str(tmp_path / art), "--out", str(tmp_path / name / "%06d.tar")], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, (meta, art, _) in
+            zip("abc", cases)]
+    for run, (_, _, message) in zip(runs, cases):
+        _, stderr = run.communicate(timeout=300)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert run.returncode == 2 and "Traceback" not in stderr, stderr
+        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), stderr

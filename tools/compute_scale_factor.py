@@ -18,7 +18,7 @@ from tqdm import tqdm
 from autoencoder.scale_factor import estimate_scale_factor
 from common.checkpoint import FORMAT, DiskFullError, read_checkpoint, save_checkpoint
 from common.errors import InputError
-from ldm.cli import HelpFormatter, pick_device, run_cli
+from ldm.cli import HelpFormatter, check_output_file, pick_device, run_cli
 from ldm.data.images import build_image_dataset
 from ldm.formats.loading import load_autoencoder
 
@@ -30,13 +30,15 @@ def main() -> None:
     p.add_argument("--data", required=True, help="image folder or webdataset shards")
     p.add_argument("--size", type=int, default=None, help="image size (default: the config's resolution)")
     p.add_argument("--num-images", type=int, default=512, help="how many images to pool the std over")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16, help="images encoded at once")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--write", action="store_true", help="store the value in the checkpoint's config")
     args = p.parse_args()
     if args.num_images < 1:
         raise InputError("--num-images must be >= 1")
+    if args.write:  # the checkpoint is rewritten in place: checked before anything loads
+        check_output_file(args.ckpt, "--ckpt", what="the updated checkpoint (--write)", fix="leave out --write")
     device = pick_device(args.device)
     ae = load_autoencoder(args.ckpt, config=args.config, device=device)
     size = args.size or ae.config.resolution

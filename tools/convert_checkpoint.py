@@ -4,11 +4,14 @@
     python tools/convert_checkpoint.py v1-5-pruned-emaonly.ckpt sd15.safetensors            # original -> ours
     python tools/convert_checkpoint.py model.ckpt model.safetensors --config v2-inference-v.yaml --half
     python tools/convert_checkpoint.py sd15.safetensors sd15-original.ckpt --to original     # ours -> original
+    python tools/convert_checkpoint.py sd15.safetensors sd15-diffusers --to diffusers         # -> a diffusers folder
 
 Ours: one .safetensors with the config in its metadata (loads with no config file). Original: a
 .ckpt ({"state_dict": ...}) or .safetensors with the original key names and schedule buffers, plus
-the original-style YAML written beside it (OUT with .yaml). Each file is written atomically; on a full
+the original-style YAML written beside it (OUTPUT with .yaml). Each file is written atomically; on a full
 disk nothing is left half-written (nor a checkpoint without its YAML) and the input is never touched.
+diffusers: a folder (model_index.json, unet/, vae/, text_encoder/, ...) that diffusers' from_pretrained loads,
+written into a temporary folder and renamed; INPUT may also be a diffusers folder.
 """
 from __future__ import annotations
 
@@ -20,15 +23,18 @@ import yaml
 
 import ldm
 from common.checkpoint import save_checkpoint, write_text_atomically
-from ldm.cli import HelpFormatter, run_cli
+from ldm.cli import HelpFormatter, check_output_file, run_cli
+from ldm.formats.diffusers import check_new_folder, write_diffusers_folder
 from ldm.formats.original_configs import to_original_config, to_original_state_dict
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("input", help="checkpoint to read (.safetensors or .ckpt, ours or original)")
-    p.add_argument("output", help="file to write (.safetensors or .ckpt)")
-    p.add_argument("--to", choices=("ours", "original"), default="ours", help="format to write")
+    p.add_argument("input", metavar="INPUT",
+                   help="checkpoint to read (.safetensors or .ckpt, ours or original, or a diffusers folder)")
+    p.add_argument("output", metavar="OUTPUT",
+                   help="file to write (.safetensors or .ckpt; a new folder for --to diffusers)")
+    p.add_argument("--to", choices=("ours", "original", "diffusers"), default="ours", help="format to write")
     p.add_argument("--config", default=None, help="original-style YAML for an original input (default: recognised)")
     p.add_argument("--parameterization", choices=("eps", "v"), default=None, help="override (SD 2.x base vs 768-v)")
     p.add_argument("--half", action="store_true", help="store the weights in float16")
@@ -37,6 +43,13 @@ def main() -> None:
     output = Path(args.output)
     if output.resolve() == Path(args.input).resolve():
         raise ldm.InputError("output would overwrite the input; choose another file name")
+    if args.to == "diffusers":  # a folder: the checks of the file inside it, made where OUTPUT will be
+        check_new_folder(output)
+        check_output_file(output / "model_index.json", "OUTPUT", what="the diffusers folder")
+    else:
+        check_output_file(output, "OUTPUT", what="the converted checkpoint")
+    if args.to == "original":
+        check_output_file(output.with_suffix(".yaml"), "OUTPUT", what="its original-style YAML")
     if args.to == "ours" and output.suffix != ".safetensors":
         raise ldm.InputError("our format is .safetensors; name the output *.safetensors")
     start = time.perf_counter()
@@ -45,6 +58,8 @@ def main() -> None:
         model.half()  # the schedule stays float32 (LatentDiffusion._apply)
     if args.to == "ours":
         ldm.save_model(model, output)
+    elif args.to == "diffusers":
+        write_diffusers_folder(to_original_state_dict(model), to_original_config(model.config), output)
     else:
         config = to_original_config(model.config)
         save_checkpoint(output, to_original_state_dict(model), {}, ours=False)

@@ -9,9 +9,12 @@
 Each sample keeps its key and caption and gets `mean.npy` and `std.npy` (the posterior q(z|x), so
 training still draws a fresh z = mean + std * eps each time), `autoencoder.json` (the fingerprint of the
 autoencoder's weights, its scale_factor and checkpoint: train_ldm.py --latents refuses a model with another
-autoencoder) and, when the text encoder is frozen, `ctx.npy` (the caption's context). Encoding once instead
-of every epoch is the main speed-up of public SD training; the price is that crops and flips are fixed
-(center crop, no flip) here.
+autoencoder) and, when the text encoder is frozen, `ctx.npy` (the caption's context; for an SDXL-style
+conditioner also `pooled.npy`, the pooled text embedding: y is built at training time from it and the sizes).
+With the config's train.buckets (or an SDXL-style conditioner) each image is fitted to its aspect-ratio bucket
+as train_ldm.py would (ldm/data/buckets.py; centred crop), encoded at that shape, and `micro.json` records its
+original size, crop and target size. Encoding once instead of every epoch is the main speed-up of public SD
+training; the price is that crops and flips are fixed (center crop, no flip) here.
 """
 from __future__ import annotations
 
@@ -26,10 +29,13 @@ from tqdm import tqdm
 
 from common.config import read_yaml
 from common.errors import InputError
-from ldm.cli import HelpFormatter, apply_overrides, pick_device, require_counts, run_cli
+from ldm.cli import HelpFormatter, apply_overrides, check_output_folder, pick_device, require_counts, run_cli
 from ldm.data.captions import AUTOENCODER_RECORD, WebDatasetCaptions, describe_autoencoder
 from ldm.formats.loading import autoencoder_record, model_from_training_config
 from ldm.model import LatentDiffusion
+from ldm.training.batches import training_buckets
+from ldm.training.conditioning import is_conditioner, text_outputs
+from ldm.training.config import TrainConfig
 
 
 def build_model(config_path: str, overrides: list[str], device: torch.device) -> tuple[LatentDiffusion, dict]:
@@ -42,12 +48,29 @@ def build_model(config_path: str, overrides: list[str], device: torch.device) ->
 
 @torch.no_grad()
 def encode_batch(model: LatentDiffusion, images: torch.Tensor, captions: list[str] | None) -> dict[str, torch.Tensor]:
-    """Posterior mean and std of each image; contexts of the captions when given."""
+    """Posterior mean and std of each image; contexts of the captions when given (and a conditioner's pooled
+    text embeddings)."""
     posterior = model.autoencoder.encode(images)
     out = {"mean": posterior.mean, "std": posterior.std}
-    if captions is not None:
+    if captions is not None and is_conditioner(model.text_encoder):
+        out["ctx"], out["pooled"] = text_outputs(model.text_encoder, captions, images.device)
+    elif captions is not None:
         out["ctx"] = model.text_encoder.encode(captions)
     return out
+
+
+def same_shape_groups(items: list[dict]) -> list[list[dict]]:
+    """`items` in groups of one image shape (one bucket), each encoded as one batch; first-met order."""
+    groups: dict[tuple[int, ...], list[dict]] = {}
+    for item in items:
+        groups.setdefault(tuple(item["image"].shape), []).append(item)
+    return list(groups.values())
+
+
+def micro_record(item: dict) -> bytes:
+    """micro.json: the sizes an SDXL-style model conditions on, (height, width) and (top, left) as sgm orders them."""
+    return json.dumps({"original_size": list(item["original_size"]), "crop": list(item["crop"]),
+                       "target_size": list(item["target_size"]), "aesthetic_score": item["aesthetic_score"]}).encode()
 
 
 def main() -> None:
@@ -56,43 +79,50 @@ def main() -> None:
     p.add_argument("--data", required=True, help="image-caption shards")
     p.add_argument("--out", required=True, help="output shard pattern with %%d, e.g. 'latents/%%06d.tar'")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per output shard")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images encoded at once")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = p.parse_args()
     require_counts(args, 'shard_size', 'batch_size')
     if "%" not in args.out:
         raise InputError(f"--out {args.out!r} needs a %d field for the shard number, e.g. 'latents/%06d.tar'")
+    check_output_folder(Path(args.out).parent, flag="--out", what="the latent shards")
     device = pick_device(args.device)
     model, raw = build_model(args.config, args.overrides, device)
-    size = int((raw.get("train") or {}).get("image_size", model.config.autoencoder.resolution))
+    train = raw.get("train") or {}
+    size = int(train.get("image_size", model.config.autoencoder.resolution))
+    buckets = training_buckets(model, TrainConfig.from_dict({**train, "image_size": size}))
     contexts = not getattr(model.text_encoder, "trainable", False)
     record = autoencoder_record(model, raw.get("model") or {})
     dataset = WebDatasetCaptions(args.data, size, caption_dropout=0.0, random_crop=False, random_flip=False,
-                                 shuffle_buffer=0, resampled=False)
+                                 shuffle_buffer=0, resampled=False, buckets=buckets)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=lambda items: items)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     dtype = np.float16 if args.dtype == "float16" else np.float32
     count = 0
     with wds.ShardWriter(args.out, maxcount=args.shard_size, verbose=0) as sink:
-        for items in tqdm(loader, desc="encoding", unit="batch"):
-            images = torch.stack([item["image"] for item in items]).to(device)
-            captions = [item["caption"] for item in items]
-            encoded = encode_batch(model, images, captions if contexts else None)
-            for k, item in enumerate(items):
-                sample = {"__key__": item["key"], "txt": item["caption"],
-                          "mean.npy": encoded["mean"][k].cpu().numpy().astype(dtype),
-                          "std.npy": encoded["std"][k].cpu().numpy().astype(dtype),
-                          AUTOENCODER_RECORD: json.dumps(record).encode()}
-                if contexts:
-                    sample["ctx.npy"] = encoded["ctx"][k].cpu().numpy().astype(dtype)
-                sink.write(sample)
-            count += len(items)
+        for loaded in tqdm(loader, desc="encoding", unit="batch"):
+            for items in same_shape_groups(loaded):
+                images = torch.stack([item["image"] for item in items]).to(device)
+                captions = [item["caption"] for item in items]
+                encoded = encode_batch(model, images, captions if contexts else None)
+                for k, item in enumerate(items):
+                    sample = {"__key__": item["key"], "txt": item["caption"],
+                              AUTOENCODER_RECORD: json.dumps(record).encode()}
+                    for name in ("mean", "std", "ctx", "pooled"):
+                        if name in encoded:
+                            sample[f"{name}.npy"] = encoded[name][k].cpu().numpy().astype(dtype)
+                    if buckets is not None:
+                        sample["micro.json"] = micro_record(item)
+                    sink.write(sample)
+                count += len(items)
     summary = {"samples": count, "contexts": contexts, "dtype": args.dtype, "skipped": dataset.skipped,
-               "autoencoder": record}
+               "autoencoder": record, "buckets": None if buckets is None else [list(b) for b in buckets]}
     (Path(args.out).parent / "latents_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"encoded {count} samples into {args.out} ({'latents and contexts' if contexts else 'latents only: the text encoder trains'}); "
+    what = ("latents only: the text encoder trains" if not contexts else "latents, contexts and pooled text embeddings"
+            if is_conditioner(model.text_encoder) else "latents and contexts")
+    print(f"encoded {count} samples into {args.out} ({what}{', per bucket' if buckets and len(buckets) > 1 else ''}); "
           f"skipped {dataset.skipped}; autoencoder {describe_autoencoder(record)}")
 
 

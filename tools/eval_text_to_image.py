@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 import ldm
 from common.errors import InputError
-from ldm.cli import HelpFormatter, require_counts, run_cli
+from ldm.cli import HelpFormatter, check_output_file, require_counts, run_cli
 from ldm.data.captions import WebDatasetCaptions
 from ldm.pipeline import native_size
 
@@ -134,16 +134,20 @@ def main() -> None:
     p.add_argument("--captions", type=int, default=50, help="distinct training captions to prompt with")
     p.add_argument("--seeds", type=int, default=4, help="images per caption")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 5.0], help="guidance scales to compare")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", help="sampler (as txt2img --sampler)")
     p.add_argument("--feature-size", type=int, default=8, help="retrieval feature: pixels per side after pooling")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the caption choice and of the first image")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--grid", default=None, help="write a labelled grid of --grid-prompts here (PNG)")
-    p.add_argument("--grid-prompts", nargs="+", default=GRID_PROMPTS)
-    p.add_argument("--grid-scale", type=float, default=5.0)
+    p.add_argument("--grid-prompts", nargs="+", default=GRID_PROMPTS,
+                   help="the prompts of the --grid (default: 16 emoji names, from \"red apple\" to \"snowman\")")
+    p.add_argument("--grid-scale", type=float, default=5.0, help="guidance scale of the --grid")
     args = p.parse_args()
     require_counts(args, 'captions', 'seeds', 'steps', 'feature_size')
+    for flag, path, what in (("--json", args.json, "the results"), ("--grid", args.grid, "the grid")):
+        if path:
+            check_output_file(path, flag, what=what)
     torch.set_grad_enabled(False)
     model = ldm.load_model(args.ckpt).eval()
     size = native_size(model)

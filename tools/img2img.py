@@ -30,8 +30,9 @@ def read_image(path: str, what: str) -> Image.Image:
     if not Path(path).is_file():
         raise InputError(f"{what} not found: {path}")
     try:
-        return open_image(path)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        return open_image(path)  # refuses decompression bombs and huge images from the header (InputError)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        # ValueError: InputError, or PIL's "Decompressed data too large" (a bomb in a PNG text chunk)
         raise InputError(f"cannot read {what} {path}: {exc}") from None
 
 
@@ -59,7 +60,8 @@ def main() -> None:
               f"(a multiple of {f})")
         init = init.resize((width, height), Image.LANCZOS)
         mask = mask.resize((width, height), Image.NEAREST) if mask is not None else None
-    run(args, model, device, digest, prompts, {"init_image": init, "strength": args.strength, "mask": mask})
+    run(args, model, device, digest, prompts, {"init_image": init, "strength": args.strength, "mask": mask},
+        record={"init_image": args.init_img, "mask": args.mask})
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from common.checkpoint import DiskFullError, is_disk_full, write_text_atomically
 from common.errors import InputError
-from ldm.cli import HelpFormatter, run_cli
+from ldm.cli import HelpFormatter, check_output_folder, run_cli
 from ldm.data.images import list_images, open_image, to_rgb
 
 SKIP_REASONS = ("missing file", "missing caption", "unreadable caption", "unreadable image")
@@ -237,8 +237,8 @@ def disk_full(files: ShardFiles, out_dir: Path, processed: int, inputs: int) -> 
                                        f"({kept}no partial shard or summary.json left)")
 
 
-def prepare_output(pattern: str, *, overwrite: bool) -> Path:
-    """Check the shard pattern, create its folder and clear (with `overwrite`) or refuse old shards; -> the folder."""
+def shard_folder(pattern: str) -> Path:
+    """The folder of a valid shard pattern, checked (before any input is read) to be one we can write in."""
     name = Path(pattern).name
     try:
         numbered = pattern % 0 != pattern % 1
@@ -248,12 +248,17 @@ def prepare_output(pattern: str, *, overwrite: bool) -> Path:
         raise InputError(f"output pattern {pattern!r} must be a .tar file name with one %d-style shard number, "
                          "like shards/%06d.tar")
     out_dir = Path(pattern).parent
+    check_output_folder(out_dir, flag="OUT_PATTERN", what="the shards")
+    return out_dir
+
+
+def prepare_output(pattern: str, *, overwrite: bool) -> Path:
+    """Check the shard pattern, create its folder and clear (with `overwrite`) or refuse old shards; -> the folder."""
+    out_dir, name = shard_folder(pattern), Path(pattern).name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exn:
         raise InputError(f"cannot create the output folder {out_dir}: {exn.strerror}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(f"the output folder {out_dir} is not writable")
     shard_name = re.compile(re.sub(r"%0?\d*d", r"\\d+", re.escape(name).replace(r"\%", "%")))
     old = sorted(p for p in out_dir.iterdir() if shard_name.fullmatch(p.name))
     if old and not overwrite:
@@ -289,6 +294,7 @@ def main() -> None:
         if value is not None and (value < low or (high is not None and value > high)):
             raise InputError(f"{flag} must be {'between 1 and ' + str(high) if high else 'at least 1'}, got {value}")
 
+    shard_folder(args.pattern)  # a bad output location fails now, not after reading every input
     items = read_items(Path(args.src))
     out_dir = prepare_output(args.pattern, overwrite=args.overwrite)
 

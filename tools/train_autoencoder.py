@@ -32,7 +32,7 @@ from autoencoder.metrics import psnr, ssim
 from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint, save_pickle
 from common.config import read_yaml
 from common.errors import InputError
-from ldm.cli import apply_overrides, autocast_dtype, pick_device, run_cli, training_parser
+from ldm.cli import apply_overrides, autocast_dtype, check_output_folder, pick_device, run_cli, training_parser
 from ldm.data.images import ImageFolder, build_image_dataset, endless_batches, split_held_out
 from ldm.data.order import ResumableBatchSampler, SeededItems
 from ldm.formats.loading import save_autoencoder
@@ -158,6 +158,8 @@ def save_grid(path: Path, images: torch.Tensor, recs: torch.Tensor) -> None:
 
 def main() -> None:
     args = parse_args()
+    check_output_folder(args.out, flag="--out", what="the run's files",
+                        subfolders={"checkpoints": "the checkpoints", "samples": "the reconstruction grids"})
     raw, model_cfg, loss_cfg, cfg = load_configs(args)
     device = pick_device(args.device)
     amp_dtype = autocast_dtype(cfg.precision, device)

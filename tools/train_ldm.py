@@ -5,12 +5,16 @@
     torchrun --nproc_per_node 2 tools/train_ldm.py --config ... --data ... --out runs/ldm        # DDP (gloo on CPU)
     python tools/train_ldm.py ... --resume                       # continue from the newest complete checkpoint
     python tools/train_ldm.py ... --latents 'latents/{000000..000009}.tar'   # precomputed latents (encode_latents.py)
+    python tools/train_ldm.py --config configs/ldm/tiny-sdxl.yaml ... train.buckets=true   # SDXL layout, buckets
 
 The autoencoder comes from model.autoencoder_ckpt=PATH (or, for tests and timing runs only, random weights with
 model.random_autoencoder=true); latent shards must have been encoded by that same autoencoder.
 
 The algorithm (DDPM Algorithm 1 on autoencoder latents, LDM sec. 3.3), per step:
 latents = scale_factor * E(x) -> t, noise -> x_t -> denoiser(x_t, t, text context) -> loss -> step -> EMA.
+An SDXL-style model (a conditioner as its text_encoder) also gets y: the pooled text embedding and each sample's
+original size, crop and target size (SDXL sec. 2.2). train.buckets=true fits images to aspect-ratio buckets,
+each batch of one bucket (ldm/data/buckets.py).
 The run folder gets metrics.csv and tensorboard/ (loss, loss per timestep range, lr, images/s, GPU memory), samples/ (grids of fixed prompts and seeds, EMA weights),
 checkpoints/step_*/ and, at the end, model.safetensors (EMA weights; ldm.load_model and txt2img --ckpt read it).
 """
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,16 +35,18 @@ from tqdm import tqdm
 from common.config import read_yaml
 from common.errors import InputError
 from ldm import diffusion
-from ldm.cli import apply_overrides, autocast_dtype, run_cli, training_parser
+from ldm.cli import apply_overrides, autocast_dtype, check_output_folder, run_cli, training_parser
 from ldm.formats.loading import autoencoder_record, model_from_training_config
 from ldm.images import make_grid
 from ldm.model import LatentDiffusion
+from ldm.training.batches import training_batches, training_buckets, unconditional_for_cache
 from ldm.training.checkpoints import (
     checkpoint_to_resume,
     export_ema,
     restore_training_checkpoint,
     save_training_checkpoint,
 )
+from ldm.training.conditioning import conditioned_model_fn, is_conditioner
 from ldm.training.config import TrainConfig, lr_at
 from ldm.training.distributed import Dist, all_reduce_mean, cleanup_distributed, setup_distributed
 from ldm.training.ema import EMA
@@ -61,6 +66,9 @@ def main() -> None:
     args = parse_args()
     if (args.data is None) == (args.latents is None):
         raise InputError("give --data (image-caption shards) or --latents (precomputed latent shards)")
+    check_output_folder(args.out, flag="--out", what="the run's files",
+                        subfolders={"checkpoints": "the checkpoints", "samples": "the sample grids",
+                                    "tensorboard": "the TensorBoard logs"})
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     train = {**(raw.get("train") or {}), **({"max_steps": args.max_steps} if args.max_steps else {})}
     cfg = TrainConfig.from_dict(train)  # --max-steps stays out of the run's config.yaml
@@ -84,7 +92,13 @@ def main() -> None:
     torch.manual_seed(cfg.seed + 7919 * world.rank + step)
     # Cached latents must come from this model's autoencoder: each sample's autoencoder.json says which made it.
     autoencoder = autoencoder_record(model, raw.get("model") or {}) if args.latents else None
-    dataset, data = batches(args, cfg, world.rank, step, empty_caption_context(model, args, train_text), autoencoder)
+    buckets = training_buckets(model, cfg)
+    if cfg.buckets and world.is_main:
+        print(f"{len(buckets)} aspect-ratio buckets (h x w): {', '.join(f'{h}x{w}' for h, w in buckets)}")
+    dataset, data = training_batches(data=args.data, latents=args.latents, cfg=cfg, rank=world.rank, step=step,
+                                     buckets=buckets, autoencoder=autoencoder,
+                                     uncond=unconditional_for_cache(model, latents=bool(args.latents),
+                                                                    train_text=train_text))
     schedule = model.schedule
     record = RunRecord(out, raw, cfg, world, step, describe_run(step, resume_from, params, train_text, cfg, world))
 
@@ -96,8 +110,8 @@ def main() -> None:
             batch = next(data)
             # 1. Latents: z = scale_factor * a sample of q(z|x) (encoded now, or from cached mean/std).
             latents = latents_of(model, batch, world.device)
-            # 2. Text: the denoiser conditioned on the captions, as the loss's model_fn(x_t, t).
-            model_fn = text_conditioned(net, model, batch, train_text=train_text, device=world.device)
+            # 2. Text: the denoiser conditioned on the captions (SDXL: and the sizes), as the loss's model_fn(x_t, t).
+            model_fn = conditioned_model_fn(net, model, batch, train_text=train_text, device=world.device)
             # 3. t, noise -> x_t -> the loss (DDPM "simple" objective, per sample) and its gradient; DDP
             #    all-reduces the gradients of the last micro-batch only.
             last = micro == cfg.grad_accum - 1
@@ -144,6 +158,9 @@ def build_model(raw: dict, cfg: TrainConfig, device: torch.device) -> LatentDiff
     model = model_from_training_config(raw.get("model") or {})
     if model.denoiser is None or model.text_encoder is None:
         raise InputError("model config: training needs a denoiser and a text_encoder section")
+    if is_conditioner(model.text_encoder) and any(p.requires_grad for p in model.text_encoder.parameters()):
+        raise InputError("model config: an SDXL-style conditioner's text towers train frozen here; set trainable: "
+                         "false on each tower (text_encoder.text)")
     model.autoencoder.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         for module in model.denoiser.modules():
@@ -179,40 +196,6 @@ def mixed_precision(precision: str, device: torch.device) -> tuple[torch.amp.Gra
     return scaler, autocast
 
 
-def empty_caption_context(model: LatentDiffusion, args, train_text: bool) -> torch.Tensor | None:
-    """For cached contexts (--latents, frozen encoder): the encoding of "", which a dropped caption gets."""
-    if not args.latents or train_text:
-        return None
-    with torch.no_grad():
-        return model.text_encoder.encode([""])[0].cpu()
-
-
-def batches(args, cfg: TrainConfig, rank: int, step: int, uncond_context: torch.Tensor | None,
-            autoencoder: dict | None):
-    """(the dataset, for its skip count; endless batches {"image" | "mean","std","context", "caption", "key"}).
-
-    Cached contexts of dropped captions are filled with `uncond_context`, the frozen encoder's output for "";
-    cached latents must record `autoencoder` (`autoencoder_record`). The first batch is read now: data with
-    no usable sample (or another autoencoder's latents) stops the run before it starts, with one line."""
-    from torch.utils.data import DataLoader
-
-    from ldm.data.captions import WebDatasetCaptions, WebDatasetLatents, collate_latents
-    from ldm.data.images import endless_batches
-
-    seed = cfg.seed + 1000 * step  # a resumed run reshuffles rather than replaying the first batches
-    if args.latents:
-        dataset = WebDatasetLatents(args.latents, caption_dropout=cfg.caption_dropout,
-                                    shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed,
-                                    autoencoder=autoencoder)
-    else:
-        dataset = WebDatasetCaptions(args.data, cfg.image_size, caption_dropout=cfg.caption_dropout,
-                                     shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, seed=seed)
-    collate = functools.partial(collate_latents, uncond_context=uncond_context) if args.latents else None
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(seed + rank))
-    return dataset, endless_batches(loader)
-
-
 def describe_run(step: int, resume_from: Path | None, params: list[nn.Parameter], train_text: bool,
                  cfg: TrainConfig, world: Dist) -> str:
     n_params = sum(p.numel() for p in params)
@@ -230,27 +213,6 @@ def latents_of(model: LatentDiffusion, batch: dict, device: torch.device) -> tor
     if "image" in batch:
         return model.encode_images(batch["image"].to(device))
     return model.latents_from_posterior(batch["mean"].to(device).float(), batch["std"].to(device).float())
-
-
-def text_conditioned(net: nn.Module, model: LatentDiffusion, batch: dict, *, train_text: bool,
-                     device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`model_fn(x_t, t)`: the denoiser conditioned on the batch's captions.
-
-    A trained text encoder runs inside `net` (DDP sees its gradients). A frozen one runs without gradients,
-    inside model_fn (so under the loss's autocast), unless the batch brings its cached contexts."""
-    if batch.get("context") is not None and not train_text:
-        context = batch["context"].to(device).float()
-        return lambda x, t: net(x, t, context=context)
-    tokens = model.text_encoder.tokenize(batch["caption"]).to(device)
-    if train_text:
-        return lambda x, t: net(x, t, tokens)
-
-    def frozen_text_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            context = model.text_encoder(tokens)
-        return net(x, t, context=context)
-
-    return frozen_text_fn
 
 
 # Now and then.

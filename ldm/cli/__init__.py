@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -35,7 +37,55 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every tool's --help: the description (the module docstring) keeps its line breaks, and each
-    option shows its default."""
+    option shows its default: a real one only (not None, nor the False of a switch), and only where
+    the help text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def check_output_folder(folder: str | Path, *, flag: str = "--outdir", what: str = "the output files",
+                        subfolders: dict[str, str] | None = None) -> None:
+    """Before any model or data loads: `folder` and its `subfolders` ({name: what goes there}) are folders,
+    or can be made, that we may write in. Otherwise an InputError: the path, the problem and the fix."""
+    folder = Path(folder)
+    targets = {folder: what, **{folder / name: contents for name, contents in (subfolders or {}).items()}}
+    for path, contents in targets.items():
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path} is a file, but {contents} go into a folder there: remove it or choose "
+                             f"another {flag}")
+    for path, contents in targets.items():
+        _check_can_write_under(path, f"{contents} cannot be written to {folder}", f"choose another {flag}")
+
+
+def check_output_file(path: str | Path, flag: str, *, what: str = "the output", fix: str | None = None) -> None:
+    """Before any model or data loads: `path` names a file (not a folder) that we may write, in a folder
+    that exists or can be made. Otherwise an InputError: the path, the problem and the fix (`fix`, by
+    default "choose another FLAG")."""
+    path = Path(path)
+    fix = fix or f"choose another {flag}"
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, but {what} is written to a file: give {flag} a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{path} is read-only, so {what} cannot be written to it: make it writable or {fix}")
+    _check_can_write_under(path.parent, f"{what} cannot be written to {path}", fix)
+
+
+def _check_can_write_under(path: Path, consequence: str, fix: str) -> None:
+    """The nearest existing path on the way to folder `path` (itself or a parent) is a folder we may write in."""
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if existing is None:  # only if "." or "/" is gone; the write itself will say what is wrong
+        return
+    if not existing.exists():
+        raise InputError(f"{existing} is a broken link, so {consequence}: remove it or {fix}")
+    if not existing.is_dir():
+        raise InputError(f"{existing} is a file, so {consequence}: {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing} is not writable, so {consequence}: {fix}")
 
 
 def training_parser(description: str, *, config: str, config_help: str, data_help: str, data_required: bool,

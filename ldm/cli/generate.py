@@ -26,9 +26,13 @@ from ldm.denoisers.attention import BACKENDS, set_attention_backend
 from ldm.formats.loading import DEFAULT_MODEL, load_model
 from ldm.images import make_grid
 from ldm.model import LatentDiffusion
-from ldm.pipeline import resolve_size
+from ldm.pipeline import LAST_SEED, check_memory, resolve_size
+from ldm.text.embeddings import load_embeddings
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+# The images of one iteration (prompts x --n_samples) are held in memory until written; beyond this many a run
+# is refused before the model loads (`check_memory` then bounds the rest by the memory they need).
+MAX_SAMPLES = 100_000
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, outdir: str) -> None:
@@ -62,6 +66,20 @@ def add_generation_args(p: argparse.ArgumentParser, *, outdir: str) -> None:
                         "'--compile reduce-overhead' also replays each step as a CUDA graph on CUDA")
     p.add_argument("--fuse-qkv", action="store_true",
                    help="compute each attention layer's Q, K, V with one matrix multiply (fewer kernel launches)")
+    p.add_argument("--embeddings-dir", default=None,
+                   help="a folder of textual-inversion embeddings (A1111 .pt / .safetensors, diffusers); a file's "
+                        "name is its token in prompts")
+    p.add_argument("--timestep-spacing", default=None, choices=list(samplers.SPACINGS),
+                   help="which timesteps the sampler visits (diffusers' names, or sgm's); default: the model's "
+                        "(sgm's for SDXL), else each sampler's own")
+    p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="SDXL micro-conditioning: the size the image is meant to come from (default: the output size)")
+    p.add_argument("--crop", type=int, nargs=2, default=(0, 0), metavar=("TOP", "LEFT"),
+                   help="SDXL micro-conditioning: the crop's top-left corner")
+    p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="SDXL micro-conditioning: the target size (default: the output size)")
+    p.add_argument("--aesthetic-score", type=float, default=None,
+                   help="SDXL refiner micro-conditioning (default 6.0; 2.5 on the negative side)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -92,10 +110,24 @@ def check_generation_args(args: argparse.Namespace) -> None:
     for name in ("n_samples", "n_iter", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.n_samples > MAX_SAMPLES:
+        raise InputError(f"--n_samples must be at most {MAX_SAMPLES} (the images of one iteration are held in memory "
+                         f"until written), got {args.n_samples}; use --n_iter for more images")
     for flag in ("H", "W"):  # None: the model's (or the init image's) size
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag} must be a positive number of pixels, got {getattr(args, flag)}; leave it out "
                              "for the model's native size")
+    for flag, low in (("original_size", 1), ("crop", 0), ("target_size", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and min(value) < low:
+            raise InputError(f"--{flag.replace('_', '-')} takes two whole numbers >= {low}, got {list(value)}")
+    for flag in ("aesthetic_score", "refiner_switch"):
+        value = getattr(args, flag, None)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+    if getattr(args, "refiner", None) is not None and not 0 < args.refiner_switch < 1:
+        raise InputError(f"--refiner-switch must be between 0 and 1 (the share of the noise levels the base runs), "
+                         f"got {args.refiner_switch}")
     if args.seed is not None and not 0 <= args.seed <= 2 ** 63 - 1:
         raise InputError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
     check_output_folder(Path(args.outdir))
@@ -103,16 +135,8 @@ def check_generation_args(args: argparse.Namespace) -> None:
 
 def check_output_folder(outdir: Path) -> None:
     """Before the model loads: `outdir` and `outdir/samples` are folders (or can be made) we may write in."""
-    for folder in (outdir, outdir / "samples"):
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"{folder} is a file, but the images go into a folder there: remove it or choose "
-                             "another --outdir")
-    existing = next((f for f in (outdir / "samples", outdir, *outdir.resolve().parents) if f.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise InputError(f"{existing} is a file, so {outdir} cannot be made: choose another --outdir")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{existing} is not writable, so the images cannot be written to {outdir}: choose "
-                         "another --outdir")
+    from ldm.cli import check_output_folder as check_folder
+    check_folder(outdir, flag="--outdir", what="the images", subfolders={"samples": "the images"})
 
 
 def model_hash(path: Path) -> str:
@@ -134,6 +158,8 @@ def load_for_generation(args: argparse.Namespace) -> tuple[LatentDiffusion, torc
     missing = [name for name in ("denoiser", "text_encoder") if getattr(model, name) is None]
     if missing:
         raise InputError(f"{path} has no {' and no '.join(missing)}: text-to-image needs a full latent diffusion model")
+    if args.embeddings_dir is not None:
+        print(load_embeddings(model.text_encoder, args.embeddings_dir).describe())
     if args.vae_tiling:
         model.autoencoder.enable_tiling()
     if args.channels_last:
@@ -212,25 +238,46 @@ def png_bytes(image: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None)
     return buffer.getvalue()
 
 
+# img2img's settings in the "parameters" line (A1111's names; its img2img writes "Denoising strength").
+IMG2IMG_LABELS = {"strength": "Denoising strength", "init_image": "Init image", "mask": "Mask"}
+
+
 def png_info(image: Image.Image, params: dict[str, Any]) -> PngImagePlugin.PngInfo:
-    """A "parameters" text chunk in the layout other SD tools read, plus the full record as JSON."""
+    """A "parameters" text chunk in the layout other SD tools read, plus the full record as JSON. img2img's
+    strength, init image and mask (file names as given) end the parameters line when `params` has them."""
     record = {"prompt": image.info["prompt"], "negative_prompt": image.info["negative_prompt"],
               "seed": image.info["seed"], **params}
     info = PngImagePlugin.PngInfo()
     text = (f"{record['prompt']}\nNegative prompt: {record['negative_prompt']}\n"
             f"Steps: {params['steps']}, Sampler: {params['sampler']}, CFG scale: {params['scale']}, "
             f"Seed: {record['seed']}, Size: {params['width']}x{params['height']}, Model hash: {params['model_hash']}")
+    for key, label in IMG2IMG_LABELS.items():
+        if params.get(key) is not None:
+            value = str(params[key])
+            if any(c in value for c in ',:"\n'):  # would break the "key: value, ..." line: quoted, as A1111 does
+                value = json.dumps(value)
+            text += f", {label}: {value}"
     info.add_text("parameters", text)
     info.add_text("ldm", json.dumps(record, sort_keys=True))
     return info
 
 
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate`'s keyword arguments from the timestep-spacing and SDXL micro-conditioning flags."""
+    return {"timestep_spacing": args.timestep_spacing, "crop": tuple(args.crop),
+            "original_size": None if args.original_size is None else tuple(args.original_size),
+            "target_size": None if args.target_size is None else tuple(args.target_size),
+            "aesthetic_score": args.aesthetic_score}
+
+
 def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, digest: str, prompts: list[str],
-        extra: dict[str, Any]) -> list[Path]:
-    """Generate `n_iter` x prompts x `n_samples` images; write numbered PNGs (and grids); report."""
+        extra: dict[str, Any], *, record: dict[str, Any] | None = None) -> list[Path]:
+    """Generate `n_iter` x prompts x `n_samples` images; write numbered PNGs (and grids); report.
+
+    `extra` goes to `generate` (its numbers and strings also into each PNG's metadata); `record` only into the
+    metadata (img2img: the init image and mask file names as given; None values are left out)."""
     outdir = Path(args.outdir)
     sample_dir = outdir / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
     amp = autocast_dtype(args.precision, device)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     per_iter = len(prompts) * args.n_samples
@@ -241,7 +288,14 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
     steps_run = len(samplers.plan(args.sampler, model.schedule, args.steps).timesteps)
     if extra.get("init_image") is not None:
         steps_run = max(1, min(steps_run, int(extra["strength"] * steps_run)))
-    resolve_size(model, extra.get("height"), extra.get("width"), extra.get("init_image"))  # before the bar starts
+    # Before the bar starts: the size, then the memory of the batch sampled at once and of the images held
+    height, width = resolve_size(model, extra.get("height"), extra.get("width"), extra.get("init_image"))
+    check_memory(model, height, width, device, amp or next(model.autoencoder.parameters()).dtype,
+                 batch_size=min(args.batch_size, per_iter), n_images=per_iter)
+    if args.seed + total_images - 1 > LAST_SEED:
+        raise InputError(f"--seed {args.seed} is too large for {total_images} images (image k uses seed + k, up to "
+                         f"2**63 - 1): use at most {LAST_SEED - total_images + 1}")
+    sample_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder behind
     batches = args.n_iter * -(-per_iter // args.batch_size)
     bar = tqdm(total=batches * steps_run, desc=f"sampling {total_images} images", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
@@ -251,12 +305,16 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
                 images = model.generate(prompts, negative_prompt=args.negative_prompt or None, steps=args.steps,
                                         sampler=args.sampler, guidance_scale=args.scale, eta=args.ddim_eta,
                                         seed=args.seed + iteration * per_iter, n_samples=args.n_samples,
-                                        batch_size=args.batch_size, callback=lambda _: bar.update(1), **extra)
+                                        batch_size=args.batch_size, callback=lambda _: bar.update(1),
+                                        **sampling_options(args), **extra)
             index = next_index(sample_dir, r"(\d+)\.png")
             width, height = images[0].size
             params = {"steps": args.steps, "sampler": args.sampler, "scale": args.scale, "eta": args.ddim_eta,
                       "width": width, "height": height, "model_hash": digest,
-                      **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}
+                      **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
+                      **{k: v for k, v in (record or {}).items() if v is not None},
+                      **{k: list(v) if isinstance(v, tuple) else v for k, v in sampling_options(args).items()
+                         if v is not None and k != "crop" or k == "crop" and tuple(v) != (0, 0)}}
             for image in images:  # numbered on from `index`, past any name another process took meanwhile
                 path, index = save_numbered(sample_dir, "{:05d}.png", index, png_bytes(image, png_info(image, params)))
                 written.append(path)

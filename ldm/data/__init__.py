@@ -1,1 +1,1 @@
-"""Training data: image folders, image-caption and latent shards, resumable order."""
+"""Training data: image folders, image-caption and latent shards, aspect-ratio buckets, resumable order."""

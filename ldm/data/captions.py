@@ -5,6 +5,9 @@ Image shards as `tools/make_shards.py` writes them: KEY.jpg or KEY.png, KEY.txt 
 KEY.mean.npy and KEY.std.npy (float16 (C, h, w), the autoencoder posterior's mean and std), KEY.ctx.npy
 (float16 (tokens, dim), the text encoder's output for the caption; optional), KEY.txt and KEY.autoencoder.json,
 the autoencoder that made them ({"sha256": weights fingerprint, "scale_factor", "checkpoint": path or null}).
+For SDXL-style conditioners also KEY.pooled.npy (float16 (dim,), the pooled text embedding) and, wherever the
+images went through buckets, KEY.micro.json ({"original_size": [h, w], "crop": [top, left], "target_size":
+[h, w], "aesthetic_score": number or null}: the sizes SDXL conditions on, in sgm's order).
 
 Caption dropout makes classifier-free guidance possible (Ho & Salimans 2022, "Classifier-Free Diffusion
 Guidance", Algorithm 1): with probability p a caption becomes "". The coin is a generator seeded by (seed,
@@ -24,6 +27,14 @@ import torch
 import webdataset as wds
 
 from common.errors import InputError
+from ldm.data.buckets import (
+    Bucket,
+    BucketTransform,
+    aesthetic_score,
+    collate_sizes,
+    original_size,
+    sample_metadata,
+)
 from ldm.data.images import ShardStream, decode_shard_image, image_transform
 
 AUTOENCODER_RECORD = "autoencoder.json"  # the key, in each latent sample, of the autoencoder that made it
@@ -74,7 +85,13 @@ class WebDatasetCaptions(_CaptionedShards):
 
     Images are resized (shorter side, bicubic), cropped (random or center) and optionally flipped by
     `ldm.data.image_transform`; a dropped caption is "". Samples without a readable image or caption are
-    skipped and counted in `self.skip_report`, as are broken shards."""
+    skipped and counted in `self.skip_report`, as are broken shards.
+
+    With `buckets` ((height, width) pairs, `ldm.data.buckets.make_buckets`; one square bucket gives square
+    crops) each image goes to the nearest bucket instead (`BucketTransform`: (3, h, w)) and the sample also
+    holds SDXL's micro-conditioning: "original_size" (h, w), "crop" (top, left), "target_size" (h, w) and
+    "aesthetic_score" (KEY.json's, or None). Its crops and flips draw from a generator seeded by (seed, rank,
+    worker, epoch), so a stream is the same on every run. Batch it with `ldm.data.buckets.BucketBatches`."""
 
     sample_needs = "an image (.jpg, .jpeg, .png or .webp) and a caption (.txt, or .json with a 'caption')"
 
@@ -89,13 +106,17 @@ class WebDatasetCaptions(_CaptionedShards):
         shuffle_buffer: int = 1000,
         resampled: bool = True,
         seed: int = 0,
+        buckets: Sequence[Bucket] | None = None,
     ):
         self.transform = image_transform(size, random_crop=random_crop, random_flip=random_flip)
+        self.bucket_transform = (None if buckets is None else
+                                 BucketTransform(buckets, random_crop=random_crop, random_flip=random_flip))
         super().__init__(urls, caption_dropout=caption_dropout, shuffle_buffer=shuffle_buffer, resampled=resampled,
                          seed=seed)
 
     def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         coin = self._dropout_rng()
+        crops = random.Random(coin.getrandbits(64)) if self.bucket_transform is not None else None
         for sample in samples:
             if (caption := self._caption(sample)) is None:
                 continue
@@ -103,7 +124,12 @@ class WebDatasetCaptions(_CaptionedShards):
                 continue
             if coin.random() < self.caption_dropout:  # p = 0 never drops, p = 1 always: random() is in [0, 1)
                 caption = ""
-            yield {"image": self.transform(image), "caption": caption, "key": sample["__key__"]}
+            if self.bucket_transform is None:
+                yield {"image": self.transform(image), "caption": caption, "key": sample["__key__"]}
+                continue
+            meta = sample_metadata(sample)
+            yield {**self.bucket_transform(image, crops), "original_size": original_size(meta, image),
+                   "aesthetic_score": aesthetic_score(meta), "caption": caption, "key": sample["__key__"]}
 
 
 def _load_npy(data: bytes, dtype: torch.dtype) -> torch.Tensor:
@@ -112,7 +138,9 @@ def _load_npy(data: bytes, dtype: torch.dtype) -> torch.Tensor:
 
 
 class WebDatasetLatents(_CaptionedShards):
-    """Cached-latent shards -> {"mean", "std": (C, h, w), "context": (tokens, dim) or None, "caption": str, "key"}.
+    """Cached-latent shards -> {"mean", "std": (C, h, w), "context": (tokens, dim) or None, "caption": str, "key"}
+    (+ "pooled": (dim,) or None where the shards hold pooled.npy, and "original_size", "crop", "target_size",
+    "aesthetic_score" where they hold micro.json).
 
     Tensors come back as `dtype` (float32 by default; they are stored as float16). A dropped caption gives
     caption "" and context None: the trainer substitutes the unconditional context (`collate_latents` does).
@@ -177,6 +205,7 @@ class WebDatasetLatents(_CaptionedShards):
             try:
                 mean, std = (_load_npy(sample[name], self.dtype) for name in ("mean.npy", "std.npy"))
                 context = _load_npy(sample["ctx.npy"], self.dtype) if "ctx.npy" in sample else None
+                extra = _read_extras(sample, self.dtype)
                 if mean.shape != std.shape:
                     raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape")
             except Exception as exn:  # KeyError for a missing array, ValueError for bad .npy data
@@ -185,7 +214,26 @@ class WebDatasetLatents(_CaptionedShards):
             self._check_autoencoder(sample)
             if coin.random() < self.caption_dropout:
                 caption, context = "", None
-            yield {"mean": mean, "std": std, "context": context, "caption": caption, "key": sample["__key__"]}
+                extra.update({"pooled": None} if "pooled" in extra else {})
+            yield {"mean": mean, "std": std, "context": context, **extra, "caption": caption, "key": sample["__key__"]}
+
+
+def _read_extras(sample: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A latent sample's optional SDXL parts: "pooled" (pooled.npy) and the sizes of micro.json. ValueError (or
+    KeyError, TypeError) on unreadable ones."""
+    extra: dict[str, Any] = {}
+    if "pooled.npy" in sample:
+        extra["pooled"] = _load_npy(sample["pooled.npy"], dtype)
+    if "micro.json" in sample:
+        micro = json.loads(sample["micro.json"])
+        for name in ("original_size", "crop", "target_size"):
+            pair = tuple(int(v) for v in micro[name])
+            if len(pair) != 2:
+                raise ValueError(f"micro.json {name} must be two numbers, got {micro[name]!r}")
+            extra[name] = pair
+        score = micro.get("aesthetic_score")
+        extra["aesthetic_score"] = None if score is None else float(score)
+    return extra
 
 
 def _read_record(sample: dict[str, Any], name: str) -> dict[str, Any]:
@@ -210,12 +258,19 @@ caption_dataset = WebDatasetCaptions
 latent_dataset = WebDatasetLatents
 
 
-def collate_latents(samples: list[dict[str, Any]], *, uncond_context: torch.Tensor | None = None) -> dict[str, Any]:
+def collate_latents(samples: list[dict[str, Any]], *, uncond_context: torch.Tensor | None = None,
+                    uncond_pooled: torch.Tensor | None = None) -> dict[str, Any]:
     """A DataLoader batch of `WebDatasetLatents` samples: mean and std stacked, caption and key as lists, context
     stacked with `uncond_context` (the text encoder's output for "") in the rows of dropped captions.
 
     context is None when no sample has one and no `uncond_context` is given (the trainer encodes the captions).
+    Samples with a pooled embedding (SDXL) also give "pooled", with `uncond_pooled` in the rows of dropped
+    captions, and samples with sizes give them as `ldm.data.buckets.collate_sizes` does.
     Use `functools.partial(collate_latents, uncond_context=...)` as `collate_fn`."""
+    shapes = {tuple(sample["mean"].shape) for sample in samples}
+    if len(shapes) > 1:
+        raise InputError(f"latents of {len(shapes)} shapes {sorted(shapes)} in one batch: the shards were encoded with "
+                         "aspect-ratio buckets, so train with train.buckets=true (one bucket per batch)")
     contexts = [sample["context"] for sample in samples]
     if all(context is None for context in contexts) and uncond_context is None:
         stacked = None
@@ -227,10 +282,18 @@ def collate_latents(samples: list[dict[str, Any]], *, uncond_context: torch.Tens
             if context is None and uncond_context is None:
                 raise ValueError("a caption was dropped: pass uncond_context, the text encoder's output for \"\"")
         stacked = torch.stack([uncond_context.to(samples[0]["mean"].dtype) if c is None else c for c in contexts])
-    return {
+    batch = {
         "mean": torch.stack([sample["mean"] for sample in samples]),
         "std": torch.stack([sample["std"] for sample in samples]),
         "context": stacked,
         "caption": [sample["caption"] for sample in samples],
         "key": [sample["key"] for sample in samples],
     }
+    if "pooled" in samples[0] and stacked is not None:
+        pooled = [sample.get("pooled") for sample in samples]
+        if uncond_pooled is None and any(p is None for p in pooled):
+            raise ValueError("a caption was dropped: pass uncond_pooled, the conditioner's pooled output for \"\"")
+        batch["pooled"] = torch.stack([uncond_pooled.to(batch["mean"].dtype) if p is None else p for p in pooled])
+    if "original_size" in samples[0]:
+        batch.update(collate_sizes(samples))
+    return batch

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common.config import coerce_numbers
+from common.config import check_range, coerce_numbers, require_mapping
 from common.errors import InputError
 from ldm.denoisers.attention import CrossAttention
 from ldm.denoisers.embeddings import timestep_embedding
@@ -30,6 +30,16 @@ DIT_SIZES: dict[str, dict[str, int]] = {
     f"DiT-{name}/{patch}": dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch)
     for name, (depth, width, heads) in _PAPER_SIZES.items() for patch in (2, 4, 8)}
 DIT_SIZES["DiT-tiny/2"] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)  # for CPU tests
+
+# Far above every real transformer denoiser (DiT-XL: width 1152, depth 28; SD3 / Flux: widths to 3072, up to 57
+# blocks, 16 latent channels in 2x2 patches, context width 4096) and far below sizes that could not be built: a
+# hostile or broken config inside a checkpoint is refused before anything is allocated. With the two products
+# below, the largest single weight (the MLP's, or the patch embedding's) stays under about 2 GB.
+BOUNDS = {"input_size": (1, 4096), "patch_size": (1, 16), "in_channels": (1, 1024), "out_channels": (1, 1024),
+          "hidden_size": (1, 8192), "depth": (1, 128), "num_heads": (1, 1024), "mlp_ratio": (0, 64),
+          "context_dim": (1, 16384)}
+MAX_MLP_WIDTH = 65536     # hidden_size * mlp_ratio
+MAX_PATCH_VALUES = 16384  # channels * patch_size ** 2: the values of one patch, in and out
 
 
 @dataclass
@@ -67,6 +77,13 @@ class DiTConfig:
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise InputError(f"dit config: {name} must be >= 1, got {getattr(self, name)}")
+        check_range(self, "dit config", BOUNDS)
+        if self.hidden_size * self.mlp_ratio > MAX_MLP_WIDTH:
+            raise InputError(f"dit config: hidden_size x mlp_ratio = {self.hidden_size * self.mlp_ratio:g} is more than "
+                             f"{MAX_MLP_WIDTH}; lower mlp_ratio (DiT: 4)")
+        if max(self.in_channels, self.out_channels) * self.patch_size ** 2 > MAX_PATCH_VALUES:
+            raise InputError(f"dit config: {max(self.in_channels, self.out_channels)} channels in patches of "
+                             f"{self.patch_size}x{self.patch_size} are more than {MAX_PATCH_VALUES} values per patch")
         if self.input_size % self.patch_size:
             raise InputError(f"dit config: input_size {self.input_size} is not divisible by patch_size "
                              f"{self.patch_size}; use a multiple of it")
@@ -92,6 +109,7 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
         """Build from `to_dict` output, or from `size` (a key of DIT_SIZES) plus fields that override it."""
+        require_mapping(d, "dit config")
         known = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(d) - set(known) - {"size"})
         if unknown:

@@ -1,9 +1,11 @@
-"""The cross-attention UNet denoiser of LDM / Stable Diffusion (Rombach et al. 2022, sec. 3.3).
+"""The cross-attention UNet denoiser of LDM / Stable Diffusion (Rombach et al. 2022, sec. 3.3) and SDXL.
 
 The module tree is that of the original `ldm.modules.diffusionmodules.openaimodel.UNetModel` with
 `use_spatial_transformer=True` (the ADM UNet of Dhariwal & Nichol 2021 with a transformer at the
 attention resolutions), so the `model.diffusion_model.*` keys of SD 1.x/2.x checkpoints load with
-no renaming: same names, shapes and `state_dict` order.
+no renaming: same names, shapes and `state_dict` order. SDXL's UNet (Podell et al. 2023, sec. 2.1;
+sgm's `openaimodel.UNetModel`) is the same tree with a transformer depth per level and the
+"sequential" vector conditioning `label_emb(y)` added to the timestep embedding.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoencoder.modules import is_channels_last
-from common.config import check_keys, coerce_numbers
+from common.config import check_keys, check_length, check_range, coerce_numbers, whole_numbers
 from common.errors import InputError
 from ldm.denoisers.attention import SpatialTransformer
 from ldm.denoisers.conv import Conv2d
@@ -26,9 +28,16 @@ from ldm.denoisers.embeddings import timestep_embedding
 # Original unet_config params that change no weight (read and dropped), those we accept only at
 # the value every SD 1.x/2.x UNet uses (other values change the module tree), and the original
 # defaults of the rest (`openaimodel.UNetModel.__init__`).
-IGNORED_ORIGINAL = ("image_size", "use_fp16", "use_bf16", "num_heads_upsample", "use_new_attention_order")
+IGNORED_ORIGINAL = ("image_size", "use_fp16", "use_bf16", "num_heads_upsample", "use_new_attention_order",
+                    "spatial_transformer_attn_type")  # sgm's attention kernel choice: ours is global
 FIXED_ORIGINAL = {"use_spatial_transformer": True, "n_embed": None, "disable_self_attentions": None,
-                  "num_attention_blocks": None, "disable_middle_self_attn": False}
+                  "num_attention_blocks": None, "disable_middle_self_attn": False, "disable_middle_transformer": False}
+# Upper bounds far above every released model (SDXL: 320 channels, depth 10, context 2048, vector 2816), so
+# that a hostile config is refused before anything is allocated.
+BOUNDS = {"in_channels": (1, 1024), "out_channels": (1, 1024), "model_channels": (1, 8192), "num_res_blocks": (1, 32),
+          "channel_mult": (1, 64), "attention_resolutions": (1, 2 ** 16), "transformer_depth": (0, 64),
+          "transformer_depth_middle": (0, 64), "context_dim": (1, 16384), "adm_in_channels": (1, 16384),
+          "num_heads": (-1, 1024), "num_head_channels": (-1, 8192)}
 REQUIRED_ORIGINAL = ("in_channels", "out_channels", "model_channels", "num_res_blocks", "attention_resolutions",
                      "context_dim")
 DEFAULTS_ORIGINAL = {"channel_mult": (1, 2, 4, 8), "num_heads": -1, "num_head_channels": -1, "legacy": True}
@@ -39,7 +48,10 @@ class UNetConfig:
     """Architecture of a `UNetModel`; field names are the original unet_config params (SD 1.x defaults).
 
     Heads: `num_heads` fixed per block (SD 1.x: 8) or `num_head_channels` per head (SD 2.x: 64);
-    -1 marks the unused one. `num_classes` adds a class-label embedding (`label_emb`).
+    -1 marks the unused one. `transformer_depth` is one depth or one per level (SDXL: [1, 2, 10]; a
+    level without attention ignores its entry); the middle block's is `transformer_depth_middle`
+    (default: the last level's). `num_classes` adds `label_emb`: a class-label embedding (a count), or
+    with "sequential" an MLP of the vector `y` [B, adm_in_channels] (SDXL's pooled text + size features).
     """
 
     in_channels: int = 4
@@ -50,32 +62,48 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int = 8
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None
     context_dim: int = 768
     use_linear_in_transformer: bool = False
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     legacy: bool = False
-    num_classes: int | None = None
+    num_classes: int | str | None = None
+    adm_in_channels: int | None = None
     use_checkpoint: bool = False
     dropout: float = 0.0
     conv_resample: bool = True
     dims: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("num_res_blocks", "transformer_depth", "context_dim"):
-            if not isinstance(getattr(self, name), (int, float, str)):
+        for name in ("num_res_blocks", "context_dim", "transformer_depth_middle", "adm_in_channels"):
+            if isinstance(getattr(self, name), (list, tuple, dict)):
                 raise InputError(f"unet config: {name} must be one number, got {getattr(self, name)!r} "
                                  "(per-level lists are not supported)")
         coerce_numbers(self, "unet")
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        self.channel_mult = whole_numbers(self.channel_mult, "unet config", "channel_mult")
+        self.attention_resolutions = whole_numbers(self.attention_resolutions, "unet config", "attention_resolutions")
+        check_length(self.channel_mult, "unet config", "channel_mult", 1, 8)
+        if isinstance(self.transformer_depth, (list, tuple)):
+            self.transformer_depth = whole_numbers(self.transformer_depth, "unet config", "transformer_depth")
+            if len(self.transformer_depth) != len(self.channel_mult):
+                raise InputError(f"unet config: transformer_depth has {len(self.transformer_depth)} entries but "
+                                 f"there are {len(self.channel_mult)} levels (channel_mult); give one per level")
+        else:
+            self.transformer_depth = whole_numbers([self.transformer_depth], "unet config", "transformer_depth")[0]
+        for name in ("transformer_depth_middle", "adm_in_channels"):
+            if getattr(self, name) is not None:
+                setattr(self, name, whole_numbers([getattr(self, name)], "unet config", name)[0])
+        check_range(self, "unet config", BOUNDS)
+        widest = self.model_channels * max(self.channel_mult)
+        if widest > 8192:  # a 3x3 conv of that width is already a 2.4 GB weight
+            raise InputError(f"unet config: model_channels x channel_mult reaches {widest} channels; at most 8192")
+        if isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes > 100_000:
+            raise InputError(f"unet config: num_classes must be at most 100000, got {self.num_classes}")
         if self.dims != 2:
             raise InputError(f"unet config: only dims=2 is supported, got {self.dims}")
-        if not self.channel_mult:
-            raise InputError("unet config: channel_mult must name at least one level, e.g. [1, 2, 4, 4]")
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth",
-                     "context_dim"):
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim"):
             if getattr(self, name) < 1:
                 raise InputError(f"unet config: {name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -83,18 +111,48 @@ class UNetConfig:
         for name in ("num_heads", "num_head_channels"):
             if getattr(self, name) != -1 and getattr(self, name) < 1:
                 raise InputError(f"unet config: {name} must be >= 1, or -1 for unused, got {getattr(self, name)}")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
-            raise InputError(f"unet config: num_classes must be a positive count or null, got {self.num_classes!r}")
+        self._check_label_embedding()
         widths = [self.model_channels * m for m in self.channel_mult]
         if any(w % 32 for w in widths):
             raise InputError(f"unet config: model_channels x channel_mult = {widths} must all be divisible "
                              "by 32 (GroupNorm uses 32 groups)")
-        with_attention = {w for level, w in enumerate(widths) if 2 ** level in self.attention_resolutions}
+        depths = self.depths
+        attention_levels = [level for level in range(len(widths)) if 2 ** level in self.attention_resolutions]
+        for level in attention_levels:
+            if depths[level] < 1:
+                raise InputError(f"unet config: level {level} has attention (resolution {2 ** level}) but "
+                                 "transformer_depth 0 there; give it a depth >= 1")
+        with_attention = {widths[level] for level in attention_levels}
         for w in sorted(with_attention | {widths[-1]}):  # the middle block always has a transformer
             heads, dim_head = attention_heads(self, w)
             if heads < 1 or heads * dim_head != w:
                 raise InputError(f"unet config: {w} channels do not split into whole heads "
                                  f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels})")
+
+    def _check_label_embedding(self) -> None:
+        if self.num_classes == "sequential":
+            if self.adm_in_channels is None:
+                raise InputError("unet config: num_classes 'sequential' needs adm_in_channels (the width of the "
+                                 "vector y, SDXL base: 2816)")
+        elif self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+                                               or self.num_classes < 1):
+            raise InputError(f"unet config: num_classes must be a positive count, 'sequential' or null, "
+                             f"got {self.num_classes!r}")
+        elif self.adm_in_channels is not None:
+            raise InputError("unet config: adm_in_channels is only used with num_classes: sequential")
+
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """The transformer depth of each level, then the middle block's."""
+        per_level = (self.transformer_depth if isinstance(self.transformer_depth, tuple)
+                     else (self.transformer_depth,) * len(self.channel_mult))
+        middle = per_level[-1] if self.transformer_depth_middle is None else self.transformer_depth_middle
+        return (*per_level, middle)
+
+    @property
+    def vector_dim(self) -> int | None:
+        """The width of the vector conditioning `y` (SDXL), or None."""
+        return self.adm_in_channels if self.num_classes == "sequential" else None
 
     @property
     def latent_multiple(self) -> int:
@@ -106,6 +164,8 @@ class UNetConfig:
         d = dataclasses.asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_resolutions"] = list(self.attention_resolutions)
+        if isinstance(self.transformer_depth, tuple):
+            d["transformer_depth"] = list(self.transformer_depth)
         return d
 
     @classmethod
@@ -124,6 +184,12 @@ class UNetConfig:
                 raise InputError(f"original unet config: only {key}: {value!r} is supported (the cross-attention "
                                  "UNet of Stable Diffusion)")
         params = {k: v for k, v in params.items() if k not in IGNORED_ORIGINAL}
+        context = params.get("context_dim")
+        if isinstance(context, (list, tuple)):  # sgm: one context width per level (the refiner's [1280] * 4)
+            if len(set(context)) != 1:
+                raise InputError(f"original unet config: context_dim {list(context)} differs between levels; only "
+                                 "one context width is supported")
+            params["context_dim"] = context[0]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -250,16 +316,21 @@ class UNetModel(nn.Module):
         self.config = cfg = config
         emb_dim = cfg.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.num_classes is not None:
+        if cfg.num_classes == "sequential":  # sgm: Sequential(Sequential(linear, SiLU, linear)), keys label_emb.0.*
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
+        elif cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
         def res_block(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
             return ResBlock(ch_in, emb_dim, cfg.dropout, ch_out, use_scale_shift_norm=cfg.use_scale_shift_norm,
                             use_checkpoint=cfg.use_checkpoint, **updown)
 
-        def transformer(ch: int) -> SpatialTransformer:
+        depths = cfg.depths
+
+        def transformer(ch: int, level: int) -> SpatialTransformer:
             heads, dim_head = attention_heads(cfg, ch)
-            return SpatialTransformer(ch, heads, dim_head, depth=cfg.transformer_depth, context_dim=cfg.context_dim,
+            return SpatialTransformer(ch, heads, dim_head, depth=depths[level], context_dim=cfg.context_dim,
                                       use_linear=cfg.use_linear_in_transformer, use_checkpoint=cfg.use_checkpoint)
 
         ch = cfg.model_channels
@@ -271,7 +342,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [res_block(ch, mult * cfg.model_channels)]
                 ch = mult * cfg.model_channels
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -280,7 +351,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), transformer(ch), res_block(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), transformer(ch, -1), res_block(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -288,7 +359,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch + skip_channels.pop(), cfg.model_channels * mult)]
                 ch = cfg.model_channels * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(res_block(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, cfg.conv_resample))
                     ds //= 2
@@ -298,7 +369,8 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict from noisy latents `x` at `timesteps`; `y` are class labels [B] (num_classes models only).
+        """Predict from noisy latents `x` at `timesteps`; `y` are class labels [B] or, for "sequential" models
+        (SDXL), the vector [B, adm_in_channels] (num_classes models only).
 
         Inputs are cast to the weights' dtype; the output has the dtype of `x`.
         """
@@ -314,7 +386,7 @@ class UNetModel(nn.Module):
         timesteps = timesteps.expand(x.shape[0])  # a scalar timestep applies to the whole batch
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if y is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         h, context = x.to(dtype), context.to(dtype)
         channels_last = is_channels_last(self.input_blocks[0][0].weight)
         if channels_last:  # model.to(memory_format=torch.channels_last): feed the convs their layout

@@ -5,6 +5,7 @@
 - the original LDM / Stable Diffusion YAML (`model.params.first_stage_config.params.ddconfig`,
   `unet_config`, `cond_stage_config`, `scale_factor`, `linear_start`, ...), read so that original
   checkpoints load with the config file that came with them;
+- sgm's YAML (SDXL; `ldm.formats.sgm`);
 - checkpoints of ours written before the sections were typed, whose `denoiser` / `text_encoder`
   hold `{"original": <unet_config or cond_stage_config>}`.
 """
@@ -18,6 +19,7 @@ from common.config import read_yaml
 from common.errors import InputError
 from ldm.config import LDMConfig
 from ldm.denoisers import UNetConfig
+from ldm.formats.sgm import from_sgm_config, is_sgm_config
 from ldm.text import TextEncoderConfig
 
 ORIGINAL_UNET_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel",)
@@ -63,6 +65,8 @@ def from_original_config(raw: dict[str, Any]) -> LDMConfig:
         linear_start=float(params.get("linear_start", 0.00085)),
         linear_end=float(params.get("linear_end", 0.012)),
         image_size=int(params["image_size"]) if "image_size" in params else None,
+        # ours, beside the original keys (diffusers folders' scheduler settings)
+        timestep_spacing=params.get("timestep_spacing"), zero_terminal_snr=bool(params.get("zero_terminal_snr", False)),
         denoiser=_translated(params.get("unet_config"), original_unet_config),
         text_encoder=_translated(params.get("cond_stage_config"), TextEncoderConfig.from_original),
     )
@@ -104,6 +108,8 @@ def load_ldm_config(config: "str | Path | dict[str, Any] | LDMConfig") -> LDMCon
     if isinstance(config, LDMConfig):
         return config
     raw = read_yaml(config) if isinstance(config, (str, Path)) else config
+    if is_sgm_config(raw):
+        return from_sgm_config(raw)
     if is_original_config(raw):
         return from_original_config(raw)
     if "autoencoder" in raw:

@@ -23,7 +23,9 @@ from common.config import read_yaml
 from common.errors import InputError
 from ldm.config import LDMConfig
 from ldm.formats.configs import from_original_config, ldm_config_from_dict, load_ldm_config
+from ldm.formats.diffusers import is_diffusers_folder, read_diffusers_folder
 from ldm.formats.original_configs import infer_original_config
+from ldm.formats.sgm import from_sgm_config, infer_sgm_config, is_sdxl_file
 from ldm.model import LatentDiffusion
 from ldm.text.keymaps import hf_clip_to_open_clip
 
@@ -36,6 +38,10 @@ _SCHEDULE_BUFFERS = ("betas", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqr
                      "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1",
                      "posterior_mean_coef2", "logvar", "lvlb_weights")
 _IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.")
+_IGNORED_ORIGINAL = ("denoiser.sigmas",)  # sgm's DiscreteDenoiser table: derived from the schedule
+# Tensors some files leave out that hold no learned weight: HF CLIP's position_ids (0..n-1; not saved since
+# transformers 4.31) and CLIP's logit_scale (unused by every text-to-image model; the value of released SDXL).
+_OPTIONAL = {"position_ids": lambda current: current, "logit_scale": lambda current: torch.tensor(4.6052)}
 
 
 def load_model(path: str | Path | None = None, config: "str | Path | dict[str, Any] | LDMConfig | None" = None,
@@ -50,6 +56,8 @@ def load_model(path: str | Path | None = None, config: "str | Path | dict[str, A
       picks between SD 2.x base and 768-v; a given value also overrides the config's).
     - an autoencoder checkpoint (ours, or an original first-stage file with its config): a model
       whose `denoiser` and `text_encoder` are None.
+    - a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, ...; SD 1.x / 2.x / XL): read with its
+      config.json files by `ldm.formats.diffusers.read_diffusers_folder`.
     With `ema` (default), a checkpoint's EMA copy of the denoiser (`model_ema.*`) is used when present.
     The weights are read once and become the parameters (no second copy in memory). The model is
     returned in eval mode with gradients off, on `device`, in `dtype` (default float32).
@@ -60,15 +68,22 @@ def load_model(path: str | Path | None = None, config: "str | Path | dict[str, A
                              "from a full clone, or pass a checkpoint path, e.g. ldm.load_model('model.safetensors') "
                              "or --ckpt model.safetensors")
         path = DEFAULT_MODEL
-    tensors, metadata = read_checkpoint(path)
+    if is_diffusers_folder(path):  # a diffusers folder: its parts under the original names, with an original config
+        tensors, raw = read_diffusers_folder(path)
+        metadata: dict[str, str] = {}
+        config = raw if config is None else config
+    else:
+        tensors, metadata = read_checkpoint(path)
     ours = metadata.get("format") == FORMAT
     if config is not None:
         ldm_config = _config_for(config, tensors)
     elif ours and "config" in metadata:
-        ldm_config = _config_from_metadata(metadata)
+        ldm_config = _config_from_metadata(metadata, source=str(path))
     elif _is_autoencoder_only(tensors):
         raise InputError(f"{path} is an original first-stage checkpoint with no embedded config: pass config=, "
                          "the YAML it came with (e.g. configs/autoencoder/kl-f8.yaml for the SD autoencoder)")
+    elif is_sdxl_file(tensors):
+        ldm_config = from_sgm_config(infer_sgm_config(tensors))
     else:
         ldm_config = from_original_config(infer_original_config(tensors, parameterization=parameterization))
     if parameterization is not None and ldm_config.parameterization != parameterization:
@@ -98,11 +113,32 @@ def _with_ema_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return swapped
 
 
-def _config_from_metadata(metadata: dict[str, str]) -> LDMConfig:
-    config = json.loads(metadata["config"])
-    if metadata.get("kind") == "autoencoder":
-        return LDMConfig(autoencoder=AutoencoderConfig.from_dict(config))
-    return ldm_config_from_dict(config)
+def _config_from_metadata(metadata: dict[str, str], source: str = "checkpoint") -> LDMConfig:
+    """The config our checkpoints carry as JSON (`metadata["config"]`), checked before anything is built: malformed
+    JSON, a config that is no object, and sizes outside the configs' bounds (`check_range`) are one-line
+    InputErrors naming `source` (the file)."""
+    fix = ("pass the model's config (--config YAML, or config= in Python), or re-save the file with it: "
+           "tools/convert_checkpoint.py IN OUT --config YAML")
+    try:
+        config = json.loads(metadata["config"])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; numbers of over 4300 digits; deep nesting
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{source}: the config in this checkpoint's metadata is not valid JSON ({reason}): the "
+                         f"file is damaged; {fix}") from None
+    if not isinstance(config, dict):
+        what = "null" if config is None else f"a JSON {type(config).__name__.replace('str', 'string')}"
+        raise InputError(f"{source}: the config in this checkpoint's metadata is {what}, not a JSON object of "
+                         f"settings: the file is damaged; {fix}")
+    try:
+        if metadata.get("kind") == "autoencoder":
+            return LDMConfig(autoencoder=AutoencoderConfig.from_dict(config))
+        return ldm_config_from_dict(config)
+    except InputError as exc:
+        raise InputError(f"{source}: the config in this checkpoint's metadata is refused: {exc}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+        # A shape of config no check foresaw (a list where a number goes, ...): still one line, not a traceback.
+        raise InputError(f"{source}: the config in this checkpoint's metadata does not describe a model "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); {fix}") from None
 
 
 def _config_for(config: Any, tensors: dict[str, torch.Tensor]) -> LDMConfig:
@@ -125,7 +161,8 @@ def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, o
         return
     prefixes = ({"autoencoder.": "autoencoder", "denoiser.": "denoiser", "text_encoder.": "text_encoder"} if ours
                 else {"first_stage_model.": "autoencoder", "model.diffusion_model.": "denoiser",
-                      "cond_stage_model.": "text_encoder"})
+                      # SD 1.x/2.x keep the text encoder under cond_stage_model., SDXL (sgm) under conditioner.
+                      "conditioner." if is_sdxl_file(tensors) else "cond_stage_model.": "text_encoder"})
     claimed = set()
     for prefix, part in prefixes.items():
         weights = {k: v for k, v in strip_prefix(tensors, prefix).items() if not (prefix + k).startswith(_IGNORED_PREFIXES)}
@@ -138,6 +175,8 @@ def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, o
                 warnings.warn(f"{source}: {len(weights)} {part} tensors ({prefix}*) were not loaded: this version "
                               f"has no {part} for this config", stacklevel=3)
             continue
+        if weights:
+            weights = _with_optional_tensors(module, weights)
         load_state_dict_checked(module, weights, source=f"{source} ({part})", assign=True)
     if "alphas_cumprod" in tensors:
         if tensors["alphas_cumprod"].shape != model.alphas_cumprod.shape:
@@ -145,10 +184,22 @@ def _load_weights(model: LatentDiffusion, tensors: dict[str, torch.Tensor], *, o
                              f"says timesteps={model.config.timesteps}")
         model.alphas_cumprod.copy_(tensors["alphas_cumprod"])
         claimed.add("alphas_cumprod")
-    leftover = [k for k in tensors if k not in claimed and k not in _SCHEDULE_BUFFERS and not k.startswith(_IGNORED_PREFIXES)]
+    ignored = () if ours else _IGNORED_ORIGINAL
+    leftover = [k for k in tensors if k not in claimed and k not in _SCHEDULE_BUFFERS and k not in ignored
+                and not k.startswith(_IGNORED_PREFIXES)]
     if leftover:
         raise InputError(f"{source}: unexpected keys that belong to no part of the model: {', '.join(leftover[:5])}"
                          + (f" (+{len(leftover) - 5} more)" if len(leftover) > 5 else ""))
+
+
+def _with_optional_tensors(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` with the `_OPTIONAL` tensors the module has and the file left out filled in."""
+    missing = {}
+    for name, current in module.state_dict(keep_vars=True).items():
+        fill = _OPTIONAL.get(name.rsplit(".", 1)[-1])
+        if fill is not None and name not in weights:
+            missing[name] = fill(current)
+    return {**weights, **missing} if missing else weights
 
 
 def save_model(model: LatentDiffusion, path: str | Path, *, extra_metadata: dict[str, str] | None = None) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from common.errors import InputError
+from ldm.conditioner import ConditionerConfig
 from ldm.denoisers.unet import UNetConfig
+from ldm.formats.sgm import to_sgm_config
 from ldm.text import HF_CLIP_TARGET
 from ldm.text.keymaps import open_clip_to_hf_clip
 
@@ -55,8 +57,9 @@ _UNET = "model.diffusion_model."
 def infer_original_config(tensors: dict[str, torch.Tensor], *, parameterization: str | None = None) -> dict[str, Any]:
     """The original config an SD 1.x / 2.x checkpoint needs, recognised from its keys and shapes."""
     if f"{_UNET}input_blocks.0.0.weight" not in tensors:
-        raise InputError("cannot infer the architecture: this checkpoint has no Stable Diffusion UNet "
-                         f"({_UNET}input_blocks.0.0.weight); pass config=, the YAML it came with")
+        raise InputError("this checkpoint is neither SD 1.x/2.x nor SDXL: it has no Stable Diffusion UNet "
+                         f"({_UNET}input_blocks.0.0.weight); found {describe_keys(tensors)}. If it is a latent "
+                         "diffusion model, pass config=, the YAML it came with")
     has_v1_text = any(k.startswith("cond_stage_model.transformer.") for k in tensors)
     has_v2_text = any(k.startswith("cond_stage_model.model.") for k in tensors)
     proj_in = tensors.get(f"{_UNET}input_blocks.1.1.proj_in.weight")
@@ -81,6 +84,18 @@ def infer_original_config(tensors: dict[str, torch.Tensor], *, parameterization:
     return config
 
 
+def describe_keys(tensors: dict[str, torch.Tensor]) -> str:
+    """What a file holds, for an error: its top-level key prefixes with counts, e.g. "lora_unet_* (264 keys)"."""
+    counts: dict[str, int] = {}
+    for key in tensors:
+        first = key.split(".")[0]
+        parts = first.split("_")
+        head = "_".join(parts[:2]) if len(parts) > 2 else first  # lora_unet_down_blocks_0 -> lora_unet
+        counts[head] = counts.get(head, 0) + 1
+    top = sorted(counts.items(), key=lambda item: -item[1])[:4]
+    return ", ".join(f"{name}* ({n} keys)" for name, n in top) or "no tensors"
+
+
 _SCHEDULE_TO_ORIGINAL = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
 _PREFIXES = {"autoencoder.": "first_stage_model.", "denoiser.": "model.diffusion_model.",
              "text_encoder.": "cond_stage_model."}
@@ -88,6 +103,8 @@ _PREFIXES = {"autoencoder.": "first_stage_model.", "denoiser.": "model.diffusion
 
 def to_original_config(config) -> dict[str, Any]:
     """The original-style YAML (as a dict) of an `LDMConfig`, for writing original-format checkpoints."""
+    if isinstance(config.text_encoder, ConditionerConfig):  # SDXL-style: sgm's layout
+        return to_sgm_config(config)
     if config.zero_terminal_snr:
         raise InputError("a zero-terminal-SNR schedule has no original-format equivalent; keep our format")
     ae = config.autoencoder.to_dict()
@@ -111,7 +128,12 @@ def to_original_config(config) -> dict[str, Any]:
 
 
 def to_original_state_dict(model) -> dict[str, torch.Tensor]:
-    """A `LatentDiffusion`'s weights under the original names, with the 12 schedule buffers."""
+    """A `LatentDiffusion`'s weights under the original names, with the 12 schedule buffers (an SDXL-style model:
+    sgm's names, `conditioner.*`, and no schedule buffers, as released SDXL files)."""
+    if isinstance(model.config.text_encoder, ConditionerConfig):
+        names = {**_PREFIXES, "text_encoder.": "conditioner."}
+        return {names[p] + k[len(p):]: v for k, v in model.state_dict().items()
+                for p in names if k.startswith(p)}
     state = {}
     for key, value in model.state_dict().items():
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)

@@ -22,7 +22,7 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.samplers.ddim import sample_ddim, sample_plms
 from ldm.samplers.ddpm import VARIANCES, sample_ddpm
 from ldm.samplers.denoiser import DiscreteDenoiser
-from ldm.samplers.discretization import ddim_plan, ddpm_plan, dpm_solver_plan, karras_plan, leading_plan
+from ldm.samplers.discretization import SPACINGS, ddim_plan, ddpm_plan, dpm_solver_plan, karras_plan, leading_plan
 from ldm.samplers.guidance import guided_model_fn
 from ldm.samplers.interface import Blend, Plan
 from ldm.samplers.k_samplers import sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun
@@ -33,13 +33,13 @@ from ldm.samplers.noise import Generators, randn_like
 class SamplerSpec:
     """One registry entry: the sampler, the steps it takes, its state space, and the options it reads.
 
-    `function(denoiser, x, plan, *, generator, callback, blend, **options)`; `make_plan(schedule, steps)`;
+    `function(denoiser, x, plan, *, generator, callback, blend, **options)`; `make_plan(schedule, steps, spacing)`;
     `sigma_space`: the state is x0 + sigma eps (Karras et al. 2022) rather than sqrt(a) x0 + sqrt(1-a) eps;
     `options`: the function's own keyword -> the `sample` argument that feeds it.
     """
 
     function: Callable[..., torch.Tensor]
-    make_plan: Callable[[NoiseSchedule, int], Plan]
+    make_plan: Callable[[NoiseSchedule, int, str | None], Plan]
     sigma_space: bool = False
     options: dict[str, str] = field(default_factory=dict)
 
@@ -56,13 +56,15 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun": SamplerSpec(sample_heun, leading_plan, sigma_space=True),
 }
 
-__all__ = ["SAMPLERS", "DiscreteDenoiser", "Plan", "SamplerSpec", "guided_model_fn", "plan", "sample"]
+__all__ = ["SAMPLERS", "SPACINGS", "DiscreteDenoiser", "Plan", "SamplerSpec", "guided_model_fn", "plan", "sample"]
 
 
 def check_sampler_args(sampler: str, steps: int, num_timesteps: int, *, eta: float = 0.0,
-                       strength: float = 1.0) -> None:
+                       strength: float = 1.0, spacing: str | None = None) -> None:
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise InputError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise InputError(f"steps must be a whole number from 1 to {num_timesteps} (the training steps), got {steps!r}")
     if not 0.0 <= eta <= 1.0:
@@ -71,17 +73,19 @@ def check_sampler_args(sampler: str, steps: int, num_timesteps: int, *, eta: flo
         raise InputError(f"strength must be in (0, 1] (1: start from pure noise), got {strength}")
 
 
-def plan(sampler: str, schedule: NoiseSchedule, steps: int) -> Plan:
+def plan(sampler: str, schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> Plan:
     """The steps `sampler` takes: (timesteps the model sees, descending; n + 1 noise levels as sigmas and as
-    alpha_bar, the last where it ends). `plan(...)[0]` is the timesteps."""
-    return SAMPLERS[sampler].make_plan(schedule, steps)
+    alpha_bar, the last where it ends). `plan(...)[0]` is the timesteps. `spacing` (see `SPACINGS`) replaces
+    the sampler's own choice of timesteps."""
+    return SAMPLERS[sampler].make_plan(schedule, steps, spacing)
 
 
 def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampler: str = "ddim",
            steps: int = 50, parameterization: str = "eps", eta: float = 0.0,
            generator: Generators = None, callback: Callable[[dict], None] | None = None,
            init_latent: torch.Tensor | None = None, strength: float = 1.0,
-           keep_mask: torch.Tensor | None = None, ddpm_variance: str = "posterior") -> torch.Tensor:
+           keep_mask: torch.Tensor | None = None, ddpm_variance: str = "posterior",
+           timestep_spacing: str | None = None, start_step: int = 0, end_step: int | None = None) -> torch.Tensor:
     """Run `sampler` from noise `x_T` (unit variance) and return the clean latent. Never modifies inputs.
 
     img2img (SDEdit, Meng et al. 2022): with `init_latent`, only the last int(strength * steps)
@@ -90,14 +94,27 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sam
     before every step the kept region is replaced by init_latent re-noised to that step with fresh
     noise (the blend of the original LDM DDIMSampler's `mask` / `x0`), and the result keeps it exactly.
     `eta` is DDIM's; the ancestral samplers (ddpm, euler_a) always add their noise. `ddpm_variance`
-    is DDPM's sigma_t^2: "posterior" (beta~_t) or "beta" (beta_t), DDPM sec. 3.2.
+    is DDPM's sigma_t^2: "posterior" (beta~_t) or "beta" (beta_t), DDPM sec. 3.2. `timestep_spacing`
+    replaces the sampler's own timesteps (diffusers' leading / trailing / linspace, or sgm's).
+
+    A hand-off between two models (SDXL base -> refiner) runs parts of one plan: `end_step` k stops
+    after k steps and returns the (VP) latent at that noise level, not a clean one; `start_step` k takes
+    `x_T` as that latent and runs the steps from k on.
     """
-    check_sampler_args(sampler, steps, schedule.num_timesteps, eta=eta, strength=strength)
+    check_sampler_args(sampler, steps, schedule.num_timesteps, eta=eta, strength=strength, spacing=timestep_spacing)
     denoiser = DiscreteDenoiser(model_fn, schedule, parameterization=parameterization)
     if ddpm_variance not in VARIANCES:
         raise InputError(f"ddpm_variance must be 'posterior' or 'beta', got {ddpm_variance!r}")
     spec = SAMPLERS[sampler]
-    steps_plan = spec.make_plan(schedule, steps)
+    steps_plan = spec.make_plan(schedule, steps, timestep_spacing)
+    n = len(steps_plan.timesteps)
+    end_step = n if end_step is None else end_step
+    if not 0 <= start_step < end_step <= n:
+        raise InputError(f"start_step and end_step must satisfy 0 <= start < end <= {n} (the plan's steps), "
+                         f"got {start_step} and {end_step}")
+    if start_step and (init_latent is not None or keep_mask is not None):
+        raise InputError("start_step continues a hand-off; it does not combine with init_latent / keep_mask")
+    steps_plan = steps_plan.skip(start_step).until(end_step - start_step)
     x = x_T
     if init_latent is not None:
         if init_latent.shape != x_T.shape:
@@ -114,6 +131,8 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, schedule: NoiseSchedule, *, sam
     arguments: dict[str, Any] = {"eta": eta, "ddpm_variance": ddpm_variance}
     options = {keyword: arguments[argument] for keyword, argument in spec.options.items()}
     x = spec.function(denoiser, x, steps_plan, generator=generator, callback=callback, blend=blend, **options)
+    if end_step < n and spec.sigma_space:  # back from x0 + sigma eps to the VP latent the next part starts from
+        x = x / (steps_plan.sigmas[-1].item() ** 2 + 1.0) ** 0.5
     if keep_mask is not None:
         x = keep_mask * init_latent + (1 - keep_mask) * x
     return x

@@ -35,6 +35,22 @@ def leading_timesteps(num_train: int, steps: int) -> torch.Tensor:
     return timesteps.flip(0)
 
 
+def trailing_timesteps(num_train: int, steps: int) -> torch.Tensor:
+    """diffusers' `timestep_spacing="trailing"`: round(arange(T, 0, -T / steps)) - 1, so it starts at T - 1."""
+    return torch.arange(num_train, 0, -num_train / steps, dtype=torch.float64).round().long()[:steps] - 1
+
+
+def linspace_timesteps(num_train: int, steps: int) -> torch.Tensor:
+    """diffusers' `timestep_spacing="linspace"`: round(linspace(0, T - 1, steps)), descending."""
+    return torch.linspace(0, num_train - 1, steps, dtype=torch.float64).round().long().flip(0)
+
+
+def sgm_timesteps(num_train: int, steps: int) -> torch.Tensor:
+    """sgm's `LegacyDDPMDiscretization` (SDXL): linspace(T - 1, 0, steps, endpoint=False) cast to int, descending
+    (999, 899, ..., 99 for 10 steps). Equal to "trailing" whenever `steps` divides T."""
+    return (num_train - 1 - torch.arange(steps, dtype=torch.float64) * (num_train - 1) / steps).long()
+
+
 def dpm_solver_timesteps(num_train: int, steps: int) -> torch.Tensor:
     """DPMSolverMultistepScheduler's "leading" spacing: ratio T // (steps + 1), +1 offset, descending."""
     ratio = num_train // (steps + 1)
@@ -62,18 +78,28 @@ def sigma_to_t(sigmas: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     return (1 - w) * low + w * high
 
 
-# Plans: (schedule, steps) -> Plan, one per way of stepping; the registry in `ldm.samplers` names them.
-def ddim_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+# `timestep_spacing` choices (diffusers' names, and sgm's): a plan built with one visits these timesteps
+# instead of its sampler's own.
+SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps, "linspace": linspace_timesteps,
+            "sgm": sgm_timesteps}
+
+
+def _timesteps(default, schedule: NoiseSchedule, steps: int, spacing: str | None) -> torch.Tensor:
+    return (default if spacing is None else SPACINGS[spacing])(schedule.num_timesteps, steps)
+
+
+# Plans: (schedule, steps, spacing) -> Plan, one per way of stepping; the registry in `ldm.samplers` names them.
+def ddim_plan(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> Plan:
     """The original DDIMSampler's / PLMSSampler's steps. They end at alpha_bar[0], not 1, as the original does
     (and diffusers' `set_alpha_to_one=False`)."""
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    timesteps = _timesteps(ddim_timesteps, schedule, steps, spacing)
     alphas_cumprod = schedule.alphas_cumprod.double()
     return Plan.from_alphas_cumprod(timesteps, torch.cat([alphas_cumprod[timesteps], alphas_cumprod[:1]]))
 
 
-def ddpm_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+def ddpm_plan(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> Plan:
     """DDIM's timesteps, ending at alpha_bar = 1: DDPM's last step (Algorithm 2, t = 1) goes to the clean latent."""
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    timesteps = _timesteps(ddim_timesteps, schedule, steps, spacing)
     alphas_cumprod = schedule.alphas_cumprod.double()
     return Plan.from_alphas_cumprod(timesteps, torch.cat([alphas_cumprod[timesteps], alphas_cumprod.new_ones(1)]))
 
@@ -84,19 +110,22 @@ def _at_schedule_sigmas(schedule: NoiseSchedule, timesteps: torch.Tensor) -> Pla
     return Plan.from_sigmas(timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]))
 
 
-def leading_plan(schedule: NoiseSchedule, steps: int) -> Plan:
-    """diffusers' Euler / Heun schedulers: "leading" timesteps at the schedule's sigmas, down to 0."""
-    return _at_schedule_sigmas(schedule, leading_timesteps(schedule.num_timesteps, steps))
+def leading_plan(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> Plan:
+    """diffusers' Euler / Heun schedulers: "leading" timesteps (or `spacing`'s) at the schedule's sigmas, down to
+    0. With "sgm" this is sgm's EulerEDMSampler on LegacyDDPMDiscretization (SDXL)."""
+    return _at_schedule_sigmas(schedule, _timesteps(leading_timesteps, schedule, steps, spacing))
 
 
-def dpm_solver_plan(schedule: NoiseSchedule, steps: int) -> Plan:
-    """diffusers' DPMSolverMultistepScheduler: its "leading" timesteps at the schedule's sigmas, down to 0."""
-    return _at_schedule_sigmas(schedule, dpm_solver_timesteps(schedule.num_timesteps, steps))
+def dpm_solver_plan(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> Plan:
+    """diffusers' DPMSolverMultistepScheduler: its "leading" timesteps (or `spacing`'s) at the schedule's sigmas,
+    down to 0."""
+    return _at_schedule_sigmas(schedule, _timesteps(dpm_solver_timesteps, schedule, steps, spacing))
 
 
-def karras_plan(schedule: NoiseSchedule, steps: int) -> Plan:
+def karras_plan(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> Plan:
     """Karras et al. 2022 (eq. 5) levels between the schedule's extremes, then 0; the model sees each
-    level's rounded timestep (diffusers' `use_karras_sigmas=True`)."""
+    level's rounded timestep (diffusers' `use_karras_sigmas=True`). The levels fix the timesteps, so a
+    `spacing` does not apply."""
     all_sigmas = schedule.sigmas
     sigmas = karras_sigmas(all_sigmas[0].item(), all_sigmas[-1].item(), steps)
     timesteps = sigma_to_t(sigmas, schedule).round().long()

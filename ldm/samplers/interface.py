@@ -50,6 +50,10 @@ class Plan(NamedTuple):
         """The plan from step `start` on (img2img runs only the last steps)."""
         return Plan(self.timesteps[start:], self.sigmas[start:], self.alphas_cumprod[start:])
 
+    def until(self, steps: int) -> Plan:
+        """The first `steps` steps, ending at noise level `steps` (a hand-off to another model there)."""
+        return Plan(self.timesteps[:steps], self.sigmas[:steps + 1], self.alphas_cumprod[:steps + 1])
+
 
 def _check_lengths(timesteps: torch.Tensor, levels: torch.Tensor) -> None:
     if levels.shape != (len(timesteps) + 1,):

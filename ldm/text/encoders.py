@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from common.errors import InputError
+from ldm.text.prompts import encode_prompts
 from ldm.text.tokenizer import VOCAB_SIZE, tokenize
 
 LAYERS = ("last", "penultimate")
@@ -49,13 +50,15 @@ class OpenCLIPTextEncoder(nn.Module):
     """A CLIP text transformer: `forward(tokens) -> context (B, context_length, width)`.
 
     `layer="last"`: `ln_final(transformer(x))`, the token features of CLIP's `encode_text` before
-    pooling and projection. `layer="penultimate"` (SD 2.x): all blocks but the last, then `ln_final`.
-    `embed_dim=None` leaves out `text_projection` and `logit_scale` (SD 1.x checkpoints have neither).
-    Frozen (no gradients, eval mode) unless `trainable`.
+    pooling and projection. `layer="penultimate"` (SD 2.x): all blocks but the last, then `ln_final`;
+    with `final_norm=False` (SDXL's `FrozenOpenCLIPEmbedder2`) without it. `embed_dim=None` leaves out
+    `text_projection` and `logit_scale` (SD 1.x checkpoints have neither). `bpe`: the tokenizer's merges
+    file (None: CLIP's). Frozen (no gradients, eval mode) unless `trainable`.
     """
 
     def __init__(self, text_cfg: Mapping[str, Any], *, embed_dim: int | None = None, quick_gelu: bool = False,
-                 layer: str = "penultimate", pad_token_id: int = 0, trainable: bool = False) -> None:
+                 layer: str = "penultimate", pad_token_id: int = 0, trainable: bool = False,
+                 final_norm: bool = True, bpe: str | None = None) -> None:
         super().__init__()
         if layer not in LAYERS:
             raise InputError(f"text encoder layer {layer!r} is not one of {', '.join(LAYERS)}")
@@ -66,6 +69,7 @@ class OpenCLIPTextEncoder(nn.Module):
             raise InputError(f"layer={layer!r} needs more transformer layers than {text_cfg.get('layers')}")
         self.model = _CLIPText(text_cfg, embed_dim, quick_gelu)
         self.layer, self.pad_token_id, self.trainable = layer, pad_token_id, trainable
+        self.final_norm, self.bpe = final_norm, bpe
         self.context_length = self.model.positional_embedding.shape[0]
         self.width = self.model.positional_embedding.shape[1]
         self.requires_grad_(trainable)
@@ -96,6 +100,11 @@ class OpenCLIPTextEncoder(nn.Module):
         return self.model.positional_embedding.device
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_tokens(tokens)[0]
+
+    def encode_tokens(self, tokens: torch.Tensor, *, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, pooled): the chosen layer's token features and, with `pooled`, CLIP's text embedding
+        `ln_final(last)[EOT] @ text_projection` (EOT: the largest id, as open_clip's `encode_text`)."""
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise InputError(f"tokens must have shape (batch, {self.context_length}), got {tuple(tokens.shape)}")
         model = self.model
@@ -103,17 +112,36 @@ class OpenCLIPTextEncoder(nn.Module):
         blocks = model.transformer.resblocks
         batch_first = getattr(model.transformer, "batch_first", False)  # older open_clip: blocks take (L, N, D)
         x = x if batch_first else x.transpose(0, 1)
-        for block in blocks[:len(blocks) - (self.layer == "penultimate")]:
+        chosen = len(blocks) - (self.layer == "penultimate")
+        context = None
+        for i, block in enumerate(blocks[:len(blocks) if pooled else chosen]):
+            if i == chosen:
+                context = x
             x = block(x, attn_mask=model.attn_mask)
-        x = x if batch_first else x.transpose(0, 1)
-        return model.ln_final(x)
+        context = x if context is None else context
+        context = context if batch_first else context.transpose(0, 1)
+        context = model.ln_final(context) if self.final_norm else context
+        if not pooled:
+            return context, None
+        last = model.ln_final(x if batch_first else x.transpose(0, 1))
+        return context, last[torch.arange(len(tokens)), tokens.argmax(dim=-1)] @ model.text_projection
 
     def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        return tokenize(prompts, context_length=self.context_length, pad_token_id=self.pad_token_id)
+        return tokenize(prompts, context_length=self.context_length, pad_token_id=self.pad_token_id, bpe=self.bpe)
 
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Context (B, context_length, width) for `prompts`; `encode([""])` is the unconditional context."""
+        """Context (B, context_length, width) of `prompts` read literally, in one window (longer ones are cut,
+        with a warning), as training reads captions; `encode([""])` is the unconditional context."""
         return self(self.tokenize(prompts).to(self.device))
+
+    vector_dim = None  # no vector conditioning (SDXL's conditioner has one)
+
+    def condition(self, prompts: str | Sequence[str], **micro: Any) -> torch.Tensor:
+        """The denoiser's conditioning for `prompts`: the context (B, context_length * chunks, width) of prompts
+        in A1111's syntax, of any length, with textual-inversion embeddings (`ldm/text/prompts.py`); a plain
+        prompt that fits one window gives exactly `encode`'s context. SDXL's micro-conditioning
+        (`image_size`, `unconditional`, ...) does not apply to a text encoder alone and is ignored."""
+        return encode_prompts(self, prompts)[0]
 
 
 class SmallTextEncoder(OpenCLIPTextEncoder):
@@ -121,10 +149,11 @@ class SmallTextEncoder(OpenCLIPTextEncoder):
     token embedding, learned positional embedding, `layers` causal pre-LN blocks, final LayerNorm."""
 
     def __init__(self, *, width: int = 512, layers: int = 4, heads: int = 8, context_length: int = 77,
-                 quick_gelu: bool = False, layer: str = "last", pad_token_id: int = 0, trainable: bool = True) -> None:
+                 quick_gelu: bool = False, layer: str = "last", pad_token_id: int = 0, trainable: bool = True,
+                 final_norm: bool = True, bpe: str | None = None) -> None:
         text_cfg = {"context_length": context_length, "vocab_size": VOCAB_SIZE, "width": width, "heads": heads,
                     "layers": layers}
         super().__init__(text_cfg, embed_dim=None, quick_gelu=quick_gelu, layer=layer,
-                         pad_token_id=pad_token_id, trainable=trainable)
+                         pad_token_id=pad_token_id, trainable=trainable, final_norm=final_norm, bpe=bpe)
 
 

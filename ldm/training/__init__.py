@@ -1,1 +1,1 @@
-"""Training: config, distributed setup, the trained module, EMA, checkpoints, metric logs."""
+"""Training: config, distributed setup, the trained module, batches and conditioning, EMA, checkpoints, metric logs."""

@@ -80,6 +80,9 @@ class TrainConfig(BaseTrainConfig):
     log_sample_keys: bool = False       # write OUT/sample_keys/rank{r}.tsv: keys seen and a weight checksum per step
     shuffle_buffer: int = 1000
     resampled: bool = True              # endless shards drawn with replacement; false: split by rank, once per pass
+    buckets: bool = False               # aspect-ratio buckets around image_size (ldm.data.buckets); false: square crops
+    bucket_max_ratio: float = 2.0       # the buckets' largest long side / short side
+    random_crop: bool = True            # random crops (false: centred), square or bucketed
     sample_prompts: list[str] = field(default_factory=lambda: ["a red apple", "a yellow star"])
     sample_steps: int = 25
     sample_scale: float = 5.0
@@ -98,6 +101,12 @@ class TrainConfig(BaseTrainConfig):
                                  f"got {self.min_snr_gamma}")
         if not 0 <= self.caption_dropout <= 1:
             raise InputError(f"train config: caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("buckets", "random_crop"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"train config: {name} is true or false, got {getattr(self, name)!r}")
+        if self.bucket_max_ratio < 1:
+            raise InputError(f"train config: bucket_max_ratio must be a number >= 1 (long side / short side), "
+                             f"got {self.bucket_max_ratio}")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
