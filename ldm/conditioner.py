@@ -103,19 +103,24 @@ class Conditioner(nn.Module):
         return self.towers[0].device
 
     @property
+    def pooled_dim(self) -> int:
+        """The width of the pooled text embedding that starts `y`."""
+        return self.towers[self.config.pooled].model.text_projection.shape[1]
+
+    @property
     def vector_dim(self) -> int:
         """The width of `y`: the pooled embedding, then `size_dim` per number of each size input."""
-        pooled = self.towers[self.config.pooled].model.text_projection.shape[1]
-        return pooled + sum(SIZE_INPUTS[name] * self.config.size_dim for name in self.config.size_inputs)
+        return self.pooled_dim + sum(SIZE_INPUTS[name] * self.config.size_dim for name in self.config.size_inputs)
 
     @property
     def width(self) -> int:
         """The width of the context: the towers' widths together."""
         return sum(tower.width for tower in self.towers)
 
-    def forward(self, tokens: Sequence[torch.Tensor], sizes: Mapping[str, torch.Tensor], *,
-                zero_text: bool = False) -> dict[str, torch.Tensor]:
-        """{"context", "y"} from each tower's token ids and each size input's numbers [B, n]."""
+    def text_outputs(self, tokens: Sequence[torch.Tensor], *, zero_text: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) from each tower's token ids: the contexts joined on the width axis, and the pooled
+        embedding of the `pooled` tower; zeros with `zero_text` (sgm's unconditional text of SDXL base)."""
         pooled_index = self.config.pooled % self.text_towers
         contexts, pooled = [], None
         for i, (tower, ids) in enumerate(zip(self.towers, tokens)):
@@ -125,14 +130,25 @@ class Conditioner(nn.Module):
         context = torch.cat(contexts, dim=-1)
         if zero_text:
             context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        features = [pooled]
+        return context, pooled
+
+    def size_features(self, sizes: Mapping[str, torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
+        """The size part of `y` [batch, sum of n * size_dim]: each size input's numbers [batch, n] (sgm's names)
+        through its Fourier embedder, in embedder order."""
+        features = []
         for name, embedder in zip(self.config.size_inputs, self.embedders[self.text_towers:]):
             if name not in sizes:
                 raise InputError(f"the conditioner needs the size input {name!r}; give it (sgm's name) or use "
                                  "`condition`, which fills in SDXL's defaults")
-            values = torch.as_tensor(sizes[name], device=context.device).reshape(context.shape[0], -1)
-            features.append(embedder(values).to(context.dtype))
-        return {"context": context, "y": torch.cat(features, dim=1)}
+            features.append(embedder(torch.as_tensor(sizes[name], device=device).reshape(batch, -1)))
+        return torch.cat(features, dim=1)
+
+    def forward(self, tokens: Sequence[torch.Tensor], sizes: Mapping[str, torch.Tensor], *,
+                zero_text: bool = False) -> dict[str, torch.Tensor]:
+        """{"context", "y"} from each tower's token ids and each size input's numbers [B, n]."""
+        context, pooled = self.text_outputs(tokens, zero_text=zero_text)
+        features = self.size_features(sizes, context.shape[0], context.device).to(pooled.dtype)
+        return {"context": context, "y": torch.cat([pooled, features], dim=1)}
 
     def condition(self, prompts: str | Sequence[str], *, image_size: tuple[int, int], unconditional: bool = False,
                   original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),

@@ -471,3 +471,58 @@ def test_loras_for_another_family_name_it(sd2, sdxl, tmp_path):
                                          r"The file looks made for another model .*context width 32.* SDXL"):
         sdxl.load_lora(reference_dir("lora") / "lora_kohya.safetensors", allow_partial=True)
     assert_same_weights(sdxl, before)
+
+
+def _default_model_lora(path, seed: int = 0) -> None:
+    """A kohya file for the embedded default model: rank-2 LoRAs on every attn2.to_k (sgm-flattened names)."""
+    model = ldm.load_model()
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.denoiser.named_modules():
+        if name.endswith("attn2.to_k"):
+            key = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
+            tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, str(path))
+
+
+def test_txt2img_lora_flag_and_prompt_tag_merge_and_record_hashes(tmp_path, monkeypatch, capsys):
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    (tmp_path / "loras").mkdir()
+    _default_model_lora(tmp_path / "loras" / "strong.safetensors")
+
+    def txt2img(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["tools/txt2img.py", "--steps", "2", "--no-grid", *args])
+        try:
+            runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "txt2img.py"), run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, _, err = txt2img("--prompt", "red apple", "--outdir", str(tmp_path / "plain"))
+    assert code == 0, err
+    code, out, err = txt2img("--prompt", "red apple <lora:strong:0.8>", "--lora-dir", str(tmp_path / "loras"),
+                             "--outdir", str(tmp_path / "tag"))
+    assert code == 0, err
+    assert "LoRA strong.safetensors" in out and "at weight 0.8" in out
+    tagged = Image.open(tmp_path / "tag" / "samples" / "00000.png")
+    assert tagged.text["parameters"].startswith("red apple\n")  # the tag is not part of the prompt text
+    assert "Lora hashes: \"strong: " in tagged.text["parameters"]
+    assert json.loads(tagged.text["ldm"])["lora_hashes"].startswith("strong: ")
+    plain = Image.open(tmp_path / "plain" / "samples" / "00000.png")
+    assert tagged.tobytes() != plain.tobytes()
+    code, _, err = txt2img("--prompt", "red apple", "--lora", f"{tmp_path / 'loras' / 'strong.safetensors'}:0.8",
+                           "--outdir", str(tmp_path / "flag"))
+    assert code == 0, err
+    assert Image.open(tmp_path / "flag" / "samples" / "00000.png").tobytes() == tagged.tobytes()
+    code, _, err = txt2img("--prompt", "red apple <lora:missing:1>", "--lora-dir", str(tmp_path / "loras"),
+                           "--outdir", str(tmp_path / "bad"))
+    assert code == 2 and "no missing.safetensors" in err and "Traceback" not in err

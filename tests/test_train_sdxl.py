@@ -20,7 +20,7 @@ from ldm.denoisers.embeddings import timestep_embedding
 from ldm.formats.loading import model_from_training_config
 from ldm.training.batches import unconditional_for_cache
 from ldm.training.checkpoints import latest_checkpoint, list_checkpoints
-from ldm.training.conditioning import conditioned_model_fn, micro_conditioning, pooled_width
+from ldm.training.conditioning import conditioned_model_fn, micro_conditioning
 from ldm.training.config import TrainConfig
 from ldm.training.trainable import Trainable
 
@@ -79,12 +79,12 @@ def test_the_batch_sizes_reach_the_unet_and_dropped_captions_are_zeros(model):
     # text outputs (sgm base's unconditional side) with the size features kept.
     torch.testing.assert_close(cond["context"][0], full["context"][0])
     torch.testing.assert_close(cond["y"][0], full["y"][0])
-    assert not cond["context"][1].any() and not cond["y"][1, :pooled_width(conditioner)].any()
+    assert not cond["context"][1].any() and not cond["y"][1, :conditioner.pooled_dim].any()
     torch.testing.assert_close(cond["y"][1], zeroed["y"][1])
     # The size part of y: the Fourier features of (h, w), (top, left), (h, w), in that order (size_dim 8 each).
     numbers = torch.cat([BATCH["original_size"], BATCH["crop"], BATCH["target_size"]], 1).float()
     expected = timestep_embedding(numbers.reshape(-1), 8).reshape(2, -1)
-    torch.testing.assert_close(cond["y"][:, pooled_width(conditioner):], expected)
+    torch.testing.assert_close(cond["y"][:, conditioner.pooled_dim:], expected)
     # ... and y is what the UNet's label_emb receives when the loss calls the model_fn.
     seen = []
     hook = model.denoiser.label_emb.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))

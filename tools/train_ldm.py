@@ -6,6 +6,7 @@
     python tools/train_ldm.py ... --resume                       # continue from the newest complete checkpoint
     python tools/train_ldm.py ... --latents 'latents/{000000..000009}.tar'   # precomputed latents (encode_latents.py)
     python tools/train_ldm.py --config configs/ldm/tiny-sdxl.yaml ... train.buckets=true   # SDXL layout, buckets
+    python tools/train_ldm.py --init default --lora-rank 4 --lora-alpha 4 --data ... --out runs/lora   # LoRA
 
 The autoencoder comes from model.autoencoder_ckpt=PATH (or, for tests and timing runs only, random weights with
 model.random_autoencoder=true); latent shards must have been encoded by that same autoencoder.
@@ -17,6 +18,8 @@ original size, crop and target size (SDXL sec. 2.2). train.buckets=true fits ima
 each batch of one bucket (ldm/data/buckets.py).
 The run folder gets metrics.csv and tensorboard/ (loss, loss per timestep range, lr, images/s, GPU memory), samples/ (grids of fixed prompts and seeds, EMA weights),
 checkpoints/step_*/ and, at the end, model.safetensors (EMA weights; ldm.load_model and txt2img --ckpt read it).
+With --lora-rank the model (--init PATH, or the config's) stays frozen and only LoRA adapters train
+(ldm/lora/training.py); each checkpoint and the end write lora.safetensors (kohya format; model.load_lora reads it).
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ from common.config import read_yaml
 from common.errors import InputError
 from ldm import diffusion
 from ldm.cli import apply_overrides, autocast_dtype, check_output_folder, run_cli, training_parser
-from ldm.formats.loading import autoencoder_record, model_from_training_config
+from ldm.formats.loading import autoencoder_record, load_model, model_from_training_config
 from ldm.images import make_grid
+from ldm.lora.training import add_lora_arguments, attach_lora, check_lora_arguments, save_kohya
 from ldm.model import LatentDiffusion
 from ldm.training.batches import training_batches, training_buckets, unconditional_for_cache
 from ldm.training.checkpoints import (
@@ -55,17 +59,18 @@ from ldm.training.trainable import Trainable
 
 
 def parse_args() -> argparse.Namespace:
-    return training_parser(
+    return add_lora_arguments(training_parser(
         __doc__, config="configs/ldm/tiny.yaml", config_help="YAML with model and train sections",
         data_help="image-caption shards, e.g. 'shards/{000000..000009}.tar'", data_required=False,
         other_input=("--latents", "precomputed latent shards from tools/encode_latents.py instead"),
-        out_help="run folder", devices="auto, cpu, cuda", override_example="train.lr=2e-4").parse_args()
+        out_help="run folder", devices="auto, cpu, cuda", override_example="train.lr=2e-4")).parse_args()
 
 
 def main() -> None:
     args = parse_args()
     if (args.data is None) == (args.latents is None):
         raise InputError("give --data (image-caption shards) or --latents (precomputed latent shards)")
+    check_lora_arguments(args)
     check_output_folder(args.out, flag="--out", what="the run's files",
                         subfolders={"checkpoints": "the checkpoints", "samples": "the sample grids",
                                     "tensorboard": "the TensorBoard logs"})
@@ -78,8 +83,10 @@ def main() -> None:
 
     # Setup. The same initial weights on every rank (same seed), then a seed per rank (and resume step) for t and noise.
     torch.manual_seed(cfg.seed)
-    model = build_model(raw, cfg, world.device)
-    train_text = bool(getattr(model.text_encoder, "trainable", False))
+    model = build_model(raw, cfg, world.device, init=args.init)
+    lora = (attach_lora(model, args.lora_rank, args.lora_alpha, text_encoder=args.lora_text_encoder)
+            if args.lora_rank else None)  # the model frozen, adapters on it
+    train_text = args.lora_text_encoder if lora else bool(getattr(model.text_encoder, "trainable", False))
     trainable = Trainable(model.denoiser, model.text_encoder if train_text else None).to(world.device)
     ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start)  # kept on the training device
     net = parallel(trainable, cfg, world)
@@ -140,11 +147,15 @@ def main() -> None:
                            skipped=dataset.skipped)
         if world.is_main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             record.samples(step, sample_images(model, trainable, ema, cfg))
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if lora and world.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+            save_kohya(out / "lora.safetensors", lora)
+        elif not lora and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             save_training_checkpoint(ckpt_root, step, model, net, ema, optimizer, scaler, keep=cfg.keep_checkpoints,
                                      is_main=world.is_main)
     record.close()
-    if world.is_main:
+    if world.is_main and lora:
+        print(f"done: {step} steps; LoRA (rank {lora.rank}, alpha {lora.alpha:g}) in {out / 'lora.safetensors'}")
+    elif world.is_main:
         export_ema(out / "model.safetensors", model, ema)
         print(f"done: {step} steps; EMA weights in {out / 'model.safetensors'} "
               f"(python tools/txt2img.py --ckpt {out / 'model.safetensors'} --prompt ...)")
@@ -153,9 +164,13 @@ def main() -> None:
 
 # Setup.
 
-def build_model(raw: dict, cfg: TrainConfig, device: torch.device) -> LatentDiffusion:
-    """The config's model, its autoencoder loaded (when the config names a checkpoint) and frozen."""
-    model = model_from_training_config(raw.get("model") or {})
+def build_model(raw: dict, cfg: TrainConfig, device: torch.device, init: str | None = None) -> LatentDiffusion:
+    """The config's model (or --init's), its autoencoder loaded (when the config names a checkpoint) and frozen."""
+    # --init: a full checkpoint to fine-tune; 'default' is the embedded default model
+    if init:
+        model = load_model(None if init == "default" else init)
+    else:
+        model = model_from_training_config(raw.get("model") or {})
     if model.denoiser is None or model.text_encoder is None:
         raise InputError("model config: training needs a denoiser and a text_encoder section")
     if is_conditioner(model.text_encoder) and any(p.requires_grad for p in model.text_encoder.parameters()):

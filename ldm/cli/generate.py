@@ -66,6 +66,10 @@ def add_generation_args(p: argparse.ArgumentParser, *, outdir: str) -> None:
                         "'--compile reduce-overhead' also replays each step as a CUDA graph on CUDA")
     p.add_argument("--fuse-qkv", action="store_true",
                    help="compute each attention layer's Q, K, V with one matrix multiply (fewer kernel launches)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA file merged into the model (kohya, LoCon, PEFT), at WEIGHT (default 1); repeatable")
+    p.add_argument("--lora-dir", default=None,
+                   help="the folder where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors (A1111's syntax)")
     p.add_argument("--embeddings-dir", default=None,
                    help="a folder of textual-inversion embeddings (A1111 .pt / .safetensors, diffusers); a file's "
                         "name is its token in prompts")
@@ -82,17 +86,81 @@ def add_generation_args(p: argparse.ArgumentParser, *, outdir: str) -> None:
                    help="SDXL refiner micro-conditioning (default 6.0; 2.5 on the negative side)")
 
 
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111: <lora:NAME[:WEIGHT[:...]]>
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def lora_requests(args: argparse.Namespace, prompts: list[str]) -> tuple[list[str], list[tuple[Path, float]]]:
+    """(the prompts without their <lora:...> tags, [(file, weight)] from --lora and the tags), checked up front.
+
+    As in A1111, a tag applies its LoRA to the whole run and is removed from the text; its NAME is a file in
+    --lora-dir (with or without the suffix). `--lora FILE:WEIGHT` splits at the last colon when what follows is
+    a number (so C:\\ paths work)."""
+    requests: list[tuple[Path, float]] = []
+    for spec in args.lora:
+        path, _, weight = spec.rpartition(":")
+        if not path or not _is_number(weight):
+            path, weight = spec, "1"
+        requests.append((Path(path), float(weight)))
+    tagged: dict[str, float] = {}
+    for prompt in prompts:
+        for name, weight in LORA_TAG.findall(prompt):
+            weight = weight.strip() or "1"
+            if not _is_number(weight):
+                raise InputError(f"<lora:{name}:{weight}>: the weight must be a number, e.g. <lora:{name}:0.8>")
+            if tagged.get(name, float(weight)) != float(weight):
+                raise InputError(f"<lora:{name}> is given with two weights ({tagged[name]} and {weight}) in one run; "
+                                 "use one weight, or run the prompts separately")
+            tagged[name] = float(weight)
+    if tagged and args.lora_dir is None:
+        raise InputError(f"the prompt names <lora:{next(iter(tagged))}>: give --lora-dir, the folder of LoRA files")
+    for name, weight in tagged.items():
+        folder = Path(args.lora_dir)
+        found = next((c for c in (folder / name, *(folder / (name + s) for s in LORA_SUFFIXES)) if c.is_file()), None)
+        if found is None:
+            raise InputError(f"<lora:{name}>: no {name}.safetensors (or .ckpt / .pt) in --lora-dir {folder}")
+        requests.append((found, weight))
+    for path, weight in requests:
+        if not path.is_file():
+            raise InputError(f"LoRA file not found: {path}")
+        if not math.isfinite(weight):
+            raise InputError(f"LoRA weight must be a finite number, got {weight} for {path}")
+    cleaned = [re.sub(r"\s{2,}", " ", LORA_TAG.sub("", p)).strip() for p in prompts]
+    return cleaned, requests
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_loras(model: LatentDiffusion, requests: list[tuple[Path, float]]) -> str | None:
+    """Merge each requested LoRA (printing its report); the "Lora hashes" value for the PNG parameters."""
+    hashes = []
+    for path, weight in requests:
+        print(model.load_lora(path, weight))
+        hashes.append(f"{path.stem}: {model_hash(path)}")
+    return ", ".join(hashes) or None
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts, without their <lora:...> tags; the LoRAs to merge (--lora and the tags, checked now) are kept
+    in `args.lora_requests` for `load_for_generation`."""
     if (args.prompt is None) == (args.from_file is None):
         raise InputError("give either --prompt or --from-file")
     if args.prompt is not None:
-        return [args.prompt]
-    path = Path(args.from_file)
-    if not path.is_file():
-        raise InputError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise InputError(f"prompt file {path} has no prompts (one per line)")
+        prompts = [args.prompt]
+    else:
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise InputError(f"prompt file not found: {path}")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"prompt file {path} has no prompts (one per line)")
+    prompts, args.lora_requests = lora_requests(args, prompts)
     return prompts
 
 
@@ -160,6 +228,7 @@ def load_for_generation(args: argparse.Namespace) -> tuple[LatentDiffusion, torc
         raise InputError(f"{path} has no {' and no '.join(missing)}: text-to-image needs a full latent diffusion model")
     if args.embeddings_dir is not None:
         print(load_embeddings(model.text_encoder, args.embeddings_dir).describe())
+    args.lora_hashes = apply_loras(model, getattr(args, "lora_requests", []))
     if args.vae_tiling:
         model.autoencoder.enable_tiling()
     if args.channels_last:
@@ -239,7 +308,8 @@ def png_bytes(image: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None)
 
 
 # img2img's settings in the "parameters" line (A1111's names; its img2img writes "Denoising strength").
-IMG2IMG_LABELS = {"strength": "Denoising strength", "init_image": "Init image", "mask": "Mask"}
+IMG2IMG_LABELS = {"strength": "Denoising strength", "init_image": "Init image", "mask": "Mask",
+                  "lora_hashes": "Lora hashes"}  # and A1111's record of the LoRAs used
 
 
 def png_info(image: Image.Image, params: dict[str, Any]) -> PngImagePlugin.PngInfo:
@@ -313,6 +383,7 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
                       "width": width, "height": height, "model_hash": digest,
                       **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
                       **{k: v for k, v in (record or {}).items() if v is not None},
+                      **({"lora_hashes": args.lora_hashes} if getattr(args, "lora_hashes", None) else {}),
                       **{k: list(v) if isinstance(v, tuple) else v for k, v in sampling_options(args).items()
                          if v is not None and k != "crop" or k == "crop" and tuple(v) != (0, 0)}}
             for image in images:  # numbered on from `index`, past any name another process took meanwhile

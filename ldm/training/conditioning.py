@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from common.errors import InputError
-from ldm.conditioner import AESTHETIC_SCORE, SIZE_INPUTS, Conditioner
+from ldm.conditioner import AESTHETIC_SCORE, Conditioner
 from ldm.model import LatentDiffusion
 
 # sgm's size inputs <- the batch's fields (ldm.data.buckets.collate_sizes)
@@ -29,12 +29,6 @@ REENCODE_SIZES = ("these latent shards record no sizes (micro.json), which an SD
 
 def is_conditioner(module: nn.Module | None) -> bool:
     return isinstance(module, Conditioner)
-
-
-def pooled_width(conditioner: Conditioner) -> int:
-    """The width of the pooled text embedding at the start of y."""
-    config = conditioner.config
-    return conditioner.vector_dim - sum(SIZE_INPUTS[name] * config.size_dim for name in config.size_inputs)
 
 
 def batch_sizes(conditioner: Conditioner, batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -50,21 +44,11 @@ def batch_sizes(conditioner: Conditioner, batch: Mapping[str, Any], device: torc
     return sizes
 
 
-def size_features(conditioner: Conditioner, sizes: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The size part of y: each size input's Fourier features, in the conditioner's order (as its forward)."""
-    embedders = conditioner.embedders[conditioner.text_towers:]
-    return torch.cat([embedder(sizes[name]) for name, embedder in zip(conditioner.config.size_inputs, embedders)], 1)
-
-
 @torch.no_grad()
 def text_outputs(conditioner: Conditioner, captions: Sequence[str], device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(context [B, tokens, width], pooled [B, dim]) of `captions`, encoded (what encode_latents.py caches)."""
-    tokens = [tower.tokenize(list(captions)).to(device) for tower in conditioner.towers]
-    zeros = {name: torch.zeros(len(captions), SIZE_INPUTS[name], device=device)
-             for name in conditioner.config.size_inputs}
-    out = conditioner(tokens, zeros)
-    return out["context"], out["y"][:, :pooled_width(conditioner)]
+    return conditioner.text_outputs([tower.tokenize(list(captions)).to(device) for tower in conditioner.towers])
 
 
 def unconditional_text(conditioner: Conditioner) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +75,8 @@ def micro_conditioning(conditioner: Conditioner, batch: Mapping[str, Any], devic
         if conditioner.config.zero_uncond:  # sgm: a dropped text embedding is multiplied by 0
             keep = torch.tensor([caption != "" for caption in batch["caption"]], device=device)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
-    return {"context": context, "y": torch.cat([pooled, size_features(conditioner, sizes).to(pooled.dtype)], 1)}
+    features = conditioner.size_features(sizes, len(batch["caption"]), device).to(pooled.dtype)
+    return {"context": context, "y": torch.cat([pooled, features], 1)}
 
 
 def conditioned_model_fn(net: nn.Module, model: LatentDiffusion, batch: dict, *, train_text: bool,
