@@ -47,6 +47,30 @@ def strip(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def tiny_sdxl_text_towers(raw: dict, checkpoint: dict):
+    """The tiny-sdxl fixture's two text towers as transformers models (its README's cross-check): CLIP-L's
+    weights as they are, bigG's through diffusers' own open_clip converter."""
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    towers = raw["tiny_text_encoders"]
+    clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(**towers["clip_l"]))
+    weights = {k: v for k, v in strip(checkpoint, "conditioner.embedders.0.transformer.").items()
+               if not k.endswith("position_ids")}
+    if not any(k.startswith("text_model.") for k in clip_l.state_dict()):  # transformers 5 names it without
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    clip_l.load_state_dict(weights, strict=True)
+    text_cfg = towers["open_clip"]["text_cfg"]
+    big_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=text_cfg["vocab_size"], hidden_size=text_cfg["width"], intermediate_size=4 * text_cfg["width"],
+        num_hidden_layers=text_cfg["layers"], num_attention_heads=text_cfg["heads"], max_position_embeddings=77,
+        hidden_act="gelu", projection_dim=towers["open_clip"]["embed_dim"], bos_token_id=2560, eos_token_id=2561,
+        pad_token_id=0))
+    big_g.load_state_dict(convert_open_clip_checkpoint(big_g, checkpoint, prefix="conditioner.embedders.1.model."),
+                          strict=True)
+    return clip_l, big_g
+
+
 def tiny_tokenizer():
     folder = reference_dir("tiny-sdxl") / "tokenizer"
     return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
@@ -207,7 +231,6 @@ def sdxl_folder(tmp_path_factory):
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
         create_unet_diffusers_config_from_ldm,
         create_vae_diffusers_config_from_ldm,
     )
@@ -224,21 +247,7 @@ def sdxl_folder(tmp_path_factory):
     unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
     vae = diffusers.AutoencoderKL(**vae_config)
     vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
-    towers = raw["tiny_text_encoders"]
-    clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(**towers["clip_l"]))
-    weights = {k: v for k, v in strip(checkpoint, "conditioner.embedders.0.transformer.").items()
-               if not k.endswith("position_ids")}
-    if not any(k.startswith("text_model.") for k in clip_l.state_dict()):  # transformers 5 names it without
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    clip_l.load_state_dict(weights, strict=True)
-    text_cfg = towers["open_clip"]["text_cfg"]
-    big_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        vocab_size=text_cfg["vocab_size"], hidden_size=text_cfg["width"], intermediate_size=4 * text_cfg["width"],
-        num_hidden_layers=text_cfg["layers"], num_attention_heads=text_cfg["heads"], max_position_embeddings=77,
-        hidden_act="gelu", projection_dim=towers["open_clip"]["embed_dim"], bos_token_id=2560, eos_token_id=2561,
-        pad_token_id=0))
-    big_g.load_state_dict(convert_open_clip_checkpoint(big_g, checkpoint, prefix="conditioner.embedders.1.model."),
-                          strict=True)
+    clip_l, big_g = tiny_sdxl_text_towers(raw, checkpoint)
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
     tokenizer_2.pad_token = "!"
     scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

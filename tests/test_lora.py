@@ -329,10 +329,8 @@ def sdxl():
 def diffusers_sdxl():
     """tiny-sdxl as diffusers converts it (the fixture README's cross-check): UNet and both text towers."""
     import diffusers
-    import transformers
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
-        convert_open_clip_checkpoint,
         create_unet_diffusers_config_from_ldm,
     )
 
@@ -344,21 +342,8 @@ def diffusers_sdxl():
     config.update(addition_embed_type="text_time", addition_time_embed_dim=8, class_embed_type=None)
     unet = diffusers.UNet2DConditionModel(**config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, config), strict=True)
-    towers = raw["tiny_text_encoders"]
-    clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(**towers["clip_l"]))
-    prefix = "conditioner.embedders.0.transformer."
-    weights = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix) and "position_ids" not in k}
-    if not any(k.startswith("text_model.") for k in clip_l.state_dict()):  # transformers 5 names it without
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    clip_l.load_state_dict(weights, strict=True)
-    text_cfg = towers["open_clip"]["text_cfg"]
-    big_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        vocab_size=text_cfg["vocab_size"], hidden_size=text_cfg["width"], intermediate_size=4 * text_cfg["width"],
-        num_hidden_layers=text_cfg["layers"], num_attention_heads=text_cfg["heads"], max_position_embeddings=77,
-        hidden_act="gelu", projection_dim=towers["open_clip"]["embed_dim"], bos_token_id=2560, eos_token_id=2561,
-        pad_token_id=0))
-    big_g.load_state_dict(convert_open_clip_checkpoint(big_g, checkpoint, prefix="conditioner.embedders.1.model."),
-                          strict=True)
+    from test_diffusers_folders import tiny_sdxl_text_towers
+    clip_l, big_g = tiny_sdxl_text_towers(raw, checkpoint)
     return diffusers.StableDiffusionXLPipeline(vae=None, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=None,
                                                tokenizer_2=None, unet=unet, scheduler=diffusers.EulerDiscreteScheduler())
 
