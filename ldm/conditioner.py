@@ -156,8 +156,9 @@ class Conditioner(nn.Module):
                   aesthetic_score: float | None = None) -> dict[str, torch.Tensor]:
         """The conditioning of `prompts` (A1111's syntax, any length: the context has 77 tokens per chunk) for
         images of `image_size` (height, width), with SDXL pipelines' micro-conditioning defaults: original and
-        target size = the image size, crop (0, 0), aesthetic score 6.0 (2.5 on the unconditional side). With `unconditional` and empty prompts, a base model's text
-        part is zeros (sgm); a non-empty negative prompt is encoded."""
+        target size = the image size, crop (0, 0), aesthetic score 6.0 (2.5 on the unconditional side). With
+        `unconditional` and empty prompts, a base model's text part is zeros (sgm); a non-empty negative prompt
+        is encoded."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if aesthetic_score is None:
             aesthetic_score = NEGATIVE_AESTHETIC_SCORE if unconditional else AESTHETIC_SCORE

@@ -56,16 +56,19 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def resolve_size(model: LatentDiffusion, height: int | None = None, width: int | None = None,
-                 init_image: Image.Image | None = None) -> tuple[int, int]:
+                 init_image: Image.Image | None = None, *, dtype: torch.dtype | None = None,
+                 batch_size: int | None = None, n_images: int | None = None) -> tuple[int, int]:
     """(height, width) of the images `generate` makes, checked: given, else the init image's, else the model's
-    native size; a multiple of `model.size_multiple`, and small enough to decode (`check_memory`)."""
+    native size; a multiple of `model.size_multiple`, and small enough for memory (`check_memory`, with the
+    batch and image count when given; `dtype`: the compute dtype, default the autoencoder's)."""
     if init_image is not None:
         width = init_image.width if width is None else width
         height = init_image.height if height is None else height
     height = native_size(model) if height is None else height
     width = native_size(model) if width is None else width
     check_size(height, width, model.size_multiple)
-    check_memory(model, height, width, model.alphas_cumprod.device, next(model.autoencoder.parameters()).dtype)
+    check_memory(model, height, width, model.alphas_cumprod.device, dtype or next(model.autoencoder.parameters()).dtype,
+                 batch_size=batch_size, n_images=n_images)
     return height, width
 
 
@@ -83,7 +86,7 @@ def check_memory(model: LatentDiffusion, height: int, width: int, device: torch.
 
     `batch_size` is the number of images sampled and decoded at once (`generate`'s min(batch_size, images)),
     `n_images` the number one call returns; left out (None), only the decoding of one image is checked (what
-    `resolve_size` checks; the command lines pass both)."""
+    `resolve_size` checks without them)."""
     itemsize = torch.finfo(dtype).bits // 8
     free = available_memory(device)
     size, gib = f"{width}x{height}", lambda n_bytes: f"{n_bytes / 2 ** 30:.1f}"
@@ -169,10 +172,8 @@ def generate(model: LatentDiffusion, prompts: str | Sequence[str], *, negative_p
         raise InputError(f"seed must be a whole number from 0 to {LAST_SEED - (n_images - 1)} (image k uses seed + k, "
                          f"up to 2**63 - 1), got {seed!r}")
     f = model.autoencoder.downsampling_factor
-    height, width = resolve_size(model, height, width, init_image)
-    dtype = next(model.autoencoder.parameters()).dtype
-    check_memory(model, height, width, model.alphas_cumprod.device, dtype, batch_size=min(batch_size, n_images),
-                 n_images=n_images)
+    height, width = resolve_size(model, height, width, init_image, batch_size=min(batch_size, n_images),
+                                 n_images=n_images)
     if mask is not None and init_image is None:
         raise InputError("a mask needs an init image (inpainting keeps the unmasked part of it)")
     device = model.alphas_cumprod.device

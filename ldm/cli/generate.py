@@ -26,7 +26,7 @@ from ldm.denoisers.attention import BACKENDS, set_attention_backend
 from ldm.formats.loading import DEFAULT_MODEL, load_model
 from ldm.images import make_grid
 from ldm.model import LatentDiffusion
-from ldm.pipeline import LAST_SEED, check_memory, resolve_size
+from ldm.pipeline import LAST_SEED, resolve_size
 from ldm.text.embeddings import load_embeddings
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
@@ -340,6 +340,14 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
             "aesthetic_score": args.aesthetic_score}
 
 
+def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `sampling_options` a PNG records: those set on the command line (not None, a crop other than 0, 0)."""
+    options = {k: v for k, v in sampling_options(args).items() if v is not None}
+    if options["crop"] == (0, 0):
+        del options["crop"]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
 def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, digest: str, prompts: list[str],
         extra: dict[str, Any], *, record: dict[str, Any] | None = None) -> list[Path]:
     """Generate `n_iter` x prompts x `n_samples` images; write numbered PNGs (and grids); report.
@@ -359,8 +367,7 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
     if extra.get("init_image") is not None:
         steps_run = max(1, min(steps_run, int(extra["strength"] * steps_run)))
     # Before the bar starts: the size, then the memory of the batch sampled at once and of the images held
-    height, width = resolve_size(model, extra.get("height"), extra.get("width"), extra.get("init_image"))
-    check_memory(model, height, width, device, amp or next(model.autoencoder.parameters()).dtype,
+    resolve_size(model, extra.get("height"), extra.get("width"), extra.get("init_image"), dtype=amp,
                  batch_size=min(args.batch_size, per_iter), n_images=per_iter)
     if args.seed + total_images - 1 > LAST_SEED:
         raise InputError(f"--seed {args.seed} is too large for {total_images} images (image k uses seed + k, up to "
@@ -384,8 +391,7 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
                       **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
                       **{k: v for k, v in (record or {}).items() if v is not None},
                       **({"lora_hashes": args.lora_hashes} if getattr(args, "lora_hashes", None) else {}),
-                      **{k: list(v) if isinstance(v, tuple) else v for k, v in sampling_options(args).items()
-                         if v is not None and k != "crop" or k == "crop" and tuple(v) != (0, 0)}}
+                      **recorded_options(args)}
             for image in images:  # numbered on from `index`, past any name another process took meanwhile
                 path, index = save_numbered(sample_dir, "{:05d}.png", index, png_bytes(image, png_info(image, params)))
                 written.append(path)

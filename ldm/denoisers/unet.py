@@ -99,8 +99,6 @@ class UNetConfig:
         widest = self.model_channels * max(self.channel_mult)
         if widest > 8192:  # a 3x3 conv of that width is already a 2.4 GB weight
             raise InputError(f"unet config: model_channels x channel_mult reaches {widest} channels; at most 8192")
-        if isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes > 100_000:
-            raise InputError(f"unet config: num_classes must be at most 100000, got {self.num_classes}")
         if self.dims != 2:
             raise InputError(f"unet config: only dims=2 is supported, got {self.dims}")
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim"):
@@ -134,9 +132,10 @@ class UNetConfig:
             if self.adm_in_channels is None:
                 raise InputError("unet config: num_classes 'sequential' needs adm_in_channels (the width of the "
                                  "vector y, SDXL base: 2816)")
-        elif self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
-                                               or self.num_classes < 1):
-            raise InputError(f"unet config: num_classes must be a positive count, 'sequential' or null, "
+        elif self.num_classes is not None and (isinstance(self.num_classes, bool)
+                                               or not isinstance(self.num_classes, int)
+                                               or not 1 <= self.num_classes <= 100_000):
+            raise InputError(f"unet config: num_classes must be a count from 1 to 100000, 'sequential' or null, "
                              f"got {self.num_classes!r}")
         elif self.adm_in_channels is not None:
             raise InputError("unet config: adm_in_channels is only used with num_classes: sequential")

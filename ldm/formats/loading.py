@@ -24,6 +24,7 @@ from common.errors import InputError
 from ldm.config import LDMConfig
 from ldm.formats.configs import from_original_config, ldm_config_from_dict, load_ldm_config
 from ldm.formats.diffusers import is_diffusers_folder, read_diffusers_folder
+from ldm.formats.diffusers_keys import LOGIT_SCALE
 from ldm.formats.original_configs import infer_original_config
 from ldm.formats.sgm import from_sgm_config, infer_sgm_config, is_sdxl_file
 from ldm.model import LatentDiffusion
@@ -41,7 +42,7 @@ _IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.")
 _IGNORED_ORIGINAL = ("denoiser.sigmas",)  # sgm's DiscreteDenoiser table: derived from the schedule
 # Tensors some files leave out that hold no learned weight: HF CLIP's position_ids (0..n-1; not saved since
 # transformers 4.31) and CLIP's logit_scale (unused by every text-to-image model; the value of released SDXL).
-_OPTIONAL = {"position_ids": lambda current: current, "logit_scale": lambda current: torch.tensor(4.6052)}
+_OPTIONAL = {"position_ids": lambda current: current, "logit_scale": lambda current: torch.tensor(LOGIT_SCALE)}
 
 
 def load_model(path: str | Path | None = None, config: "str | Path | dict[str, Any] | LDMConfig | None" = None,
