@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
+import ldm
 from autoencoder import AutoencoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +51,17 @@ def write_real_images(folder: Path, n: int, size: int = 32, seed: int = 0) -> li
         img.save(path)
         paths.append(path)
     return paths
+
+
+def write_default_model_lora(path, seed: int = 0) -> None:
+    """A kohya file for the embedded default model: rank-2 LoRAs on every attn2.to_k (sgm-flattened names)."""
+    model = ldm.load_model()
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.denoiser.named_modules():
+        if name.endswith("attn2.to_k"):
+            key = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
+            tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, str(path))

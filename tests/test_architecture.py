@@ -29,6 +29,7 @@ LAYERS = [
     ("ldm.pipeline", "ldm.formats", "ldm.lora"),
     ("ldm.training",),
     ("ldm.cli", "ldm"),
+    ("ldm.server",),
 ]
 
 

@@ -22,7 +22,7 @@ from ldm.formats.sgm import SDXL_BASE, SDXL_REFINER
 from ldm.lora import lora_targets, read_lora
 from ldm.lora.keys import diffusers_module_name, flat, unet_aliases, unet_block_names
 
-from helpers import reference_dir
+from helpers import reference_dir, write_default_model_lora
 
 WEIGHT = 0.7  # the reference cases' multiplier
 FILES = {"lora_kohya": "unet_out_lora", "lora_kohya_fp16": "unet_out_lora_fp16", "lora_peft": "unet_out_lora",
@@ -458,20 +458,6 @@ def test_loras_for_another_family_name_it(sd2, sdxl, tmp_path):
     assert_same_weights(sdxl, before)
 
 
-def _default_model_lora(path, seed: int = 0) -> None:
-    """A kohya file for the embedded default model: rank-2 LoRAs on every attn2.to_k (sgm-flattened names)."""
-    model = ldm.load_model()
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, module in model.denoiser.named_modules():
-        if name.endswith("attn2.to_k"):
-            key = "lora_unet_" + name.replace(".", "_")
-            tensors[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
-            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
-            tensors[f"{key}.alpha"] = torch.tensor(2.0)
-    save_file(tensors, str(path))
-
-
 def test_txt2img_lora_flag_and_prompt_tag_merge_and_record_hashes(tmp_path, monkeypatch, capsys):
     import json
     import runpy
@@ -480,7 +466,7 @@ def test_txt2img_lora_flag_and_prompt_tag_merge_and_record_hashes(tmp_path, monk
 
     from PIL import Image
     (tmp_path / "loras").mkdir()
-    _default_model_lora(tmp_path / "loras" / "strong.safetensors")
+    write_default_model_lora(tmp_path / "loras" / "strong.safetensors")
 
     def txt2img(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["tools/txt2img.py", "--steps", "2", "--no-grid", *args])

@@ -313,23 +313,32 @@ IMG2IMG_LABELS = {"strength": "Denoising strength", "init_image": "Init image", 
 
 
 def png_info(image: Image.Image, params: dict[str, Any]) -> PngImagePlugin.PngInfo:
-    """A "parameters" text chunk in the layout other SD tools read, plus the full record as JSON. img2img's
-    strength, init image and mask (file names as given) end the parameters line when `params` has them."""
+    """A "parameters" text chunk in the layout other SD tools read (`parameters_text`), plus the full record
+    as JSON."""
     record = {"prompt": image.info["prompt"], "negative_prompt": image.info["negative_prompt"],
               "seed": image.info["seed"], **params}
     info = PngImagePlugin.PngInfo()
-    text = (f"{record['prompt']}\nNegative prompt: {record['negative_prompt']}\n"
+    info.add_text("parameters", parameters_text(image, params))
+    info.add_text("ldm", json.dumps(record, sort_keys=True))
+    return info
+
+
+def parameters_text(image: Image.Image, params: dict[str, Any]) -> str:
+    """A1111's "parameters" text for an image from `generate` (its .info has the prompt and seed): the prompt,
+    "Negative prompt: ..." (left out when empty, as A1111 does), then "Steps: ..., Sampler: ..., ...". img2img's strength, init image and mask
+    (file names as given) and the LoRA hashes end the line when `params` has them."""
+    negative = f"Negative prompt: {image.info['negative_prompt']}\n" if image.info["negative_prompt"] else ""
+    text = (f"{image.info['prompt']}\n{negative}"
             f"Steps: {params['steps']}, Sampler: {params['sampler']}, CFG scale: {params['scale']}, "
-            f"Seed: {record['seed']}, Size: {params['width']}x{params['height']}, Model hash: {params['model_hash']}")
+            f"Seed: {image.info['seed']}, Size: {params['width']}x{params['height']}, "
+            f"Model hash: {params['model_hash']}")
     for key, label in IMG2IMG_LABELS.items():
         if params.get(key) is not None:
             value = str(params[key])
             if any(c in value for c in ',:"\n'):  # would break the "key: value, ..." line: quoted, as A1111 does
                 value = json.dumps(value)
             text += f", {label}: {value}"
-    info.add_text("parameters", text)
-    info.add_text("ldm", json.dumps(record, sort_keys=True))
-    return info
+    return text
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
