@@ -72,7 +72,7 @@ class NLayerDiscriminator(nn.Module):
         self.apply(weights_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+        return self.main(x).float()  # float32 logits (bf16 under autocast): the GAN losses reduce them
 
 
 @dataclass

@@ -116,7 +116,14 @@ def run_worker(args) -> dict:
     torch.manual_seed(0)
     started = time.perf_counter()
     model, description = build_default() if args.worker == "default" else build_sd1()
-    model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    model = model.eval().requires_grad_(False).to(device=device)
+    if device.type == "cpu" and dtype == torch.bfloat16:  # as txt2img --precision bf16 on the CPU
+        from ldm.cli import cast_for_cpu_bf16
+        cast_for_cpu_bf16(model)  # the denoiser's weights only; sampler, text encoder and VAE in fp32
+        dtype = torch.float32  # the sampler's and the VAE's dtype
+    else:
+        model = model.to(dtype=dtype)
+    weights = next(model.denoiser.parameters()).dtype
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -135,7 +142,7 @@ def run_worker(args) -> dict:
     latent = size // f
     channels = model.config.autoencoder.embed_dim
     x_T = torch.randn((1, channels, latent, latent), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    n_steps = len(samplers.plan("ddim", model.schedule, args.steps).timesteps)  # denoiser calls per image
+    n_steps = len(samplers.plan(args.sampler, model.schedule, args.steps).timesteps)  # denoiser calls per image
 
     def clock() -> float:
         if device.type == "cuda":
@@ -147,7 +154,7 @@ def run_worker(args) -> dict:
         cond = model.text_encoder.encode([PROMPT]).to(device, dtype)
         uncond = model.text_encoder.encode([""]).to(device, dtype)
         t1 = clock()
-        latents = model.sample(cond, uncond, x_T=x_T, sampler="ddim", steps=steps, guidance_scale=GUIDANCE_SCALE)
+        latents = model.sample(cond, uncond, x_T=x_T, sampler=args.sampler, steps=steps, guidance_scale=GUIDANCE_SCALE)
         t2 = clock()
         images = model.decode_latents(latents)
         t3 = clock()
@@ -163,7 +170,7 @@ def run_worker(args) -> dict:
         cond, uncond = runs[-1]["cond"], runs[-1]["uncond"]
 
         # The denoiser alone, as the guided model function calls it: batch [uncond, cond].
-        x2, t2, context = torch.cat([x_T, x_T]), torch.full((2,), 500, device=device), torch.cat([uncond, cond])
+        x2, t2, context = torch.cat([x_T, x_T]).to(weights), torch.full((2,), 500, device=device), torch.cat([uncond, cond]).to(weights)
         model_times = []
         for _ in range(min(n_steps, 10)):
             start = clock()
@@ -171,12 +178,12 @@ def run_worker(args) -> dict:
             model_times.append(clock() - start)
 
         # The loop alone: the same sampler call with a stub denoiser returning a precomputed output.
-        stub_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-        stub_fn = samplers.guided_model_fn(lambda x, t, ctx: stub_out, cond, uncond, guidance_scale=GUIDANCE_SCALE)
+        stub_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)  # sampler dtype
+        stub_fn = samplers.guided_model_fn(lambda x, t, **_: stub_out, cond, uncond, guidance_scale=GUIDANCE_SCALE)
         stub_times = []
         for _ in range(max(5, args.repeats)):
             start = clock()
-            samplers.sample(stub_fn, x_T, model.schedule, sampler="ddim", steps=args.steps,
+            samplers.sample(stub_fn, x_T, model.schedule, sampler=args.sampler, steps=args.steps,
                             parameterization=model.parameterization)
             stub_times.append(clock() - start)
 
@@ -208,7 +215,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (as ldm.samplers.sample takes them)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (as ldm.samplers.sample takes them)")
+    parser.add_argument("--sampler", default="ddim", help="sampler, as txt2img --sampler (default ddim)")
     parser.add_argument("--size", type=int, default=512, help="sd1 image size in pixels (a multiple of 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per model")
     parser.add_argument("--channels-last", action="store_true", help="model.to(memory_format=torch.channels_last)")
@@ -235,7 +243,8 @@ def main() -> None:
     rows, notes = [], []
     for name in models:
         command = [sys.executable, __file__, "--worker", name, "--device", args.device, "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--size", str(args.size), "--repeats", str(args.repeats)]
+                   "--steps", str(args.steps), "--size", str(args.size), "--repeats", str(args.repeats),
+                   "--sampler", args.sampler]
         command += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # progress goes to stderr, live
         if proc.returncode != 0:
@@ -266,11 +275,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     command = "python bench/txt2img.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     options = " channels_last" * args.channels_last + " compile" * args.compile
-    text = f"""## Text-to-image time per image: {', '.join(r['model'] for r in rows)}, {args.dtype} on {device}{options}
+    text = f"""## Text-to-image time per image: {', '.join(r['model'] for r in rows)}, {args.dtype} on {device}{options}, {args.sampler} {args.steps} steps
 
 `{command}`, {datetime.date.today().isoformat()}, {machine()}, load average {load:.2f} at the start.
 python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), device {device},
-dtype {args.dtype}. DDIM (eta 0), CFG {GUIDANCE_SCALE} (denoiser batch 2), 1 image, prompt "{PROMPT}".
+dtype {args.dtype}{" (CPU: the denoiser's weights; sampler, text encoder and VAE in fp32)" if args.dtype == "bf16" and args.device == "cpu" else ""}. Sampler {args.sampler} (DDIM: eta 0), CFG {GUIDANCE_SCALE} (denoiser batch 2), 1 image, prompt "{PROMPT}".
 Median of {args.repeats} timed passes after a 2-step warm-up pass. Model s/step: median of lone denoiser calls.
 Sampler overhead: the DDIM loop with a stub denoiser, per step, as % of model s/step (ms per step in brackets).
 Peak mem: {"max_memory_allocated (weights included)" if args.device == "cuda" else "peak RSS of a fresh process per model"}.
@@ -279,7 +288,9 @@ Total run time {elapsed:.0f} s.
 {table}
 
 """ + "\n".join(f"- {note}" for note in notes) + "\n"
-    write_section(f"txt2img {','.join(r['model'] for r in rows)} {args.device} {args.dtype}{options}", text, args.out)
+    sampler = "" if args.sampler == "ddim" and args.steps == 50 else f" {args.sampler} {args.steps}"
+    write_section(f"txt2img {','.join(r['model'] for r in rows)} {args.device} {args.dtype}{options}{sampler}", text,
+                  args.out)
 
 
 if __name__ == "__main__":

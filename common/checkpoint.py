@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from common.errors import InputError
 
@@ -326,6 +327,29 @@ def empty_parameters():
 
     nn.Module.register_parameter = register_parameter
     try:
-        yield
+        with _SkipMetaInit():
+            yield
     finally:
         nn.Module.register_parameter = original
+
+
+# What initialisations do to a tensor in place (torch.nn.init's, and the modules' own). A meta tensor has no
+# values, so on one they are nothing to do; but some run torch's Python reference code, and its first call
+# imports torch._dynamo (sympy, triton...: over 1 s of CPU, half of `import torch`).
+_INIT_OPS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
+                       torch.Tensor.exponential_, torch.Tensor.bernoulli_, torch.Tensor.random_, torch.Tensor.log_normal_,
+                       torch.Tensor.cauchy_, torch.Tensor.geometric_, torch.Tensor.erfinv_, torch.Tensor.mul_,
+                       torch.Tensor.add_, torch.Tensor.clamp_}
+                      | {getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and name[0] != "_"})
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """`empty_parameters`' initialisations of its meta parameters: skipped (they would compute nothing)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INIT_OPS:
+            tensor = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)

@@ -134,11 +134,19 @@ class LatentDiffusion(nn.Module):
         if given != self.concat_channels:
             raise InputError(f"this denoiser takes {self.concat_channels} extra input channels (concat) but "
                              f"{given} were given; inpainting models need a mask and an init image")
+        getattr(self.denoiser, "reset", lambda: None)()  # a denoiser with state across steps (DeepCache) starts afresh
         denoiser = self.denoiser
+        weights = next((p.dtype for p in self.denoiser.parameters()), x_T.dtype)
+        if weights != x_T.dtype and not torch.is_autocast_enabled(x_T.device.type):
+            def denoiser(x, t, **conditioning):  # e.g. bf16 weights on a CPU: the sampler's arithmetic stays fp32
+                cast = {k: v.to(weights) if torch.is_tensor(v) else v for k, v in conditioning.items()}
+                return self.denoiser(x.to(weights), t, **cast).to(x.dtype)
         if concat is not None:
+            inner = denoiser
+
             def denoiser(x, t, **conditioning):  # under guidance x holds [uncond, cond]: repeat the extra channels
-                extra = concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1)
-                return self.denoiser(torch.cat([x, extra], dim=1), t, **conditioning)
+                extra = concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1).to(x.dtype)
+                return inner(torch.cat([x, extra], dim=1), t, **conditioning)
         model_fn = samplers.guided_model_fn(denoiser, cond, uncond, guidance_scale=guidance_scale,
                                             guidance_rescale=guidance_rescale)
         return samplers.sample(model_fn, x_T, self.schedule, sampler=sampler, steps=steps,

@@ -403,7 +403,7 @@ BAD_INPUTS = {  # name: (script, arguments, part of the message)
     "autoencoder only": ("txt2img.py", ["--ckpt", "{ae}", "--outdir", "{out}", "--prompt", "a"],
                          "text-to-image needs a full latent diffusion model"),
     "fp16 on the cpu": ("txt2img.py", CKPT + ["--prompt", "a", "--device", "cpu", "--precision", "fp16"],
-                        "autocast is for GPUs"),
+                        "fp16 is for GPUs"),
     "init image missing": ("img2img.py", CKPT + ["--prompt", "a", "--init-img", "{missing}"], "init image not found"),
     "init image unreadable": ("img2img.py", CKPT + ["--prompt", "a", "--init-img", "{unreadable}"],
                               "cannot read init image"),

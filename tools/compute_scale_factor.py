@@ -11,16 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from autoencoder.scale_factor import estimate_scale_factor
-from common.checkpoint import FORMAT, DiskFullError, read_checkpoint, save_checkpoint
 from common.errors import InputError
 from ldm.cli import HelpFormatter, check_output_file, pick_device, run_cli
-from ldm.data.images import build_image_dataset
-from ldm.formats.loading import load_autoencoder
 
 
 def main() -> None:
@@ -39,6 +31,16 @@ def main() -> None:
         raise InputError("--num-images must be >= 1")
     if args.write:  # the checkpoint is rewritten in place: checked before anything loads
         check_output_file(args.ckpt, "--ckpt", what="the updated checkpoint (--write)", fix="leave out --write")
+    # torch, the model stack and the data loaders load only now: --help and bad flags answer without them
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from autoencoder.scale_factor import estimate_scale_factor
+    from common.checkpoint import FORMAT, DiskFullError, read_checkpoint, save_checkpoint
+    from ldm.data.images import build_image_dataset
+    from ldm.formats.loading import load_autoencoder
+
     device = pick_device(args.device)
     ae = load_autoencoder(args.ckpt, config=args.config, device=device)
     size = args.size or ae.config.resolution

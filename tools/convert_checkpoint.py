@@ -22,10 +22,7 @@ from pathlib import Path
 import yaml
 
 import ldm
-from common.checkpoint import save_checkpoint, write_text_atomically
 from ldm.cli import HelpFormatter, check_output_file, run_cli
-from ldm.formats.diffusers import check_new_folder, write_diffusers_folder
-from ldm.formats.original_configs import to_original_config, to_original_state_dict
 
 
 def main() -> None:
@@ -40,6 +37,11 @@ def main() -> None:
     p.add_argument("--half", action="store_true", help="store the weights in float16")
     p.add_argument("--no-ema", action="store_true", help="keep the raw weights even if an EMA copy is present")
     args = p.parse_args()
+    # torch and the model stack load only now: --help and bad flags answer without them
+    from common.checkpoint import save_checkpoint, write_text_atomically
+    from ldm.formats.diffusers import check_new_folder, write_diffusers_folder
+    from ldm.formats.original_configs import to_original_config, to_original_state_dict
+
     output = Path(args.output)
     if output.resolve() == Path(args.input).resolve():
         raise ldm.InputError("output would overwrite the input; choose another file name")

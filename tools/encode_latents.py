@@ -21,41 +21,44 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import numpy as np
-import torch
-import webdataset as wds
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from common.config import read_yaml
 from common.errors import InputError
 from ldm.cli import HelpFormatter, apply_overrides, check_output_folder, pick_device, require_counts, run_cli
-from ldm.data.captions import AUTOENCODER_RECORD, WebDatasetCaptions, describe_autoencoder
-from ldm.formats.loading import autoencoder_record, model_from_training_config
-from ldm.model import LatentDiffusion
-from ldm.training.batches import training_buckets
-from ldm.training.conditioning import is_conditioner, text_outputs
-from ldm.training.config import TrainConfig
+
+if TYPE_CHECKING:  # torch, the model stack and webdataset load in the functions: --help answers without them
+    import torch
+
+    from ldm.model import LatentDiffusion
 
 
 def build_model(config_path: str, overrides: list[str], device: torch.device) -> tuple[LatentDiffusion, dict]:
     """The model exactly as tools/train_ldm.py builds it (same config, same seed)."""
+    import torch
+
+    from ldm.formats.loading import model_from_training_config
+
     raw = apply_overrides(read_yaml(config_path), overrides)
     torch.manual_seed(int((raw.get("train") or {}).get("seed", 0)))
     model = model_from_training_config(raw.get("model") or {})
     return model.to(device).eval(), raw
 
 
-@torch.no_grad()
 def encode_batch(model: LatentDiffusion, images: torch.Tensor, captions: list[str] | None) -> dict[str, torch.Tensor]:
     """Posterior mean and std of each image; contexts of the captions when given (and a conditioner's pooled
     text embeddings)."""
-    posterior = model.autoencoder.encode(images)
-    out = {"mean": posterior.mean, "std": posterior.std}
-    if captions is not None and is_conditioner(model.text_encoder):
-        out["ctx"], out["pooled"] = text_outputs(model.text_encoder, captions, images.device)
-    elif captions is not None:
-        out["ctx"] = model.text_encoder.encode(captions)
+    import torch
+
+    from ldm.training.conditioning import is_conditioner, text_outputs
+
+    with torch.no_grad():
+        posterior = model.autoencoder.encode(images)
+        out = {"mean": posterior.mean, "std": posterior.std}
+        if captions is not None and is_conditioner(model.text_encoder):
+            out["ctx"], out["pooled"] = text_outputs(model.text_encoder, captions, images.device)
+        elif captions is not None:
+            out["ctx"] = model.text_encoder.encode(captions)
     return out
 
 
@@ -88,6 +91,18 @@ def main() -> None:
     if "%" not in args.out:
         raise InputError(f"--out {args.out!r} needs a %d field for the shard number, e.g. 'latents/%06d.tar'")
     check_output_folder(Path(args.out).parent, flag="--out", what="the latent shards")
+    # torch, the model stack and webdataset load only now: --help and bad flags answer without them
+    import numpy as np
+    import torch
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from ldm.data.captions import AUTOENCODER_RECORD, WebDatasetCaptions, describe_autoencoder
+    from ldm.formats.loading import autoencoder_record
+    from ldm.training.batches import training_buckets
+    from ldm.training.conditioning import is_conditioner
+    from ldm.training.config import TrainConfig
+
     device = pick_device(args.device)
     model, raw = build_model(args.config, args.overrides, device)
     train = raw.get("train") or {}

@@ -23,17 +23,17 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import ldm
 from common.errors import InputError
 from ldm.cli import HelpFormatter, check_output_file, require_counts, run_cli
-from ldm.data.captions import WebDatasetCaptions
-from ldm.pipeline import native_size
+
+if TYPE_CHECKING:  # torch, the model stack and webdataset load in the functions: --help answers without them
+    import torch
 
 GRID_PROMPTS = ["red apple", "grinning face", "red heart", "flag: Japan", "pizza", "dog face", "sun", "thumbs up",
                 "ghost", "rocket", "birthday cake", "cat face", "fire", "rainbow", "banana", "snowman"]
@@ -41,6 +41,10 @@ GRID_PROMPTS = ["red apple", "grinning face", "red heart", "flag: Japan", "pizza
 
 def load_training_set(data: str, size: int) -> tuple[torch.Tensor, list[str]]:
     """All images of the shards at `size` (center crop, no flip, as the model saw them) in [0, 1], and captions."""
+    import torch
+
+    from ldm.data.captions import WebDatasetCaptions
+
     stream = WebDatasetCaptions(data, size, caption_dropout=0.0, random_crop=False, random_flip=False,
                                 shuffle_buffer=0, resampled=False)
     images, captions = [], []
@@ -54,6 +58,8 @@ def load_training_set(data: str, size: int) -> tuple[torch.Tensor, list[str]]:
 
 def features(images: torch.Tensor, size: int) -> torch.Tensor:
     """The fixed retrieval feature: area-downsampled RGB pixels, flattened."""
+    import torch.nn.functional as F
+
     return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
 
 
@@ -61,6 +67,8 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | Non
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index and Euclidean distance of each query row's nearest bank row, skipping bank row `exclude[i]` for
     query row i when given (a training image against the rest of the set); chunked to bound memory."""
+    import torch
+
     indices, distances = [], []
     for start in range(0, len(query), 256):
         d = torch.cdist(query[start:start + 256], bank)
@@ -77,11 +85,15 @@ def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255 for i in images])).permute(0, 3, 1, 2)
 
 
 def evaluate(model, train_images: torch.Tensor, train_captions: list[str], *, captions: int, seeds: int,
              scales: list[float], steps: int, sampler: str, feature_size: int, seed: int) -> dict:
+    import torch
+
     distinct = sorted(set(c for c in train_captions if c))
     if captions > len(distinct):
         raise InputError(f"--captions {captions} but the training set has only {len(distinct)} distinct captions")
@@ -148,6 +160,11 @@ def main() -> None:
     for flag, path, what in (("--json", args.json, "the results"), ("--grid", args.grid, "the grid")):
         if path:
             check_output_file(path, flag, what=what)
+    # torch, the model stack and webdataset load only now: --help and bad flags answer without them
+    import torch
+
+    from ldm.pipeline import native_size
+
     torch.set_grad_enabled(False)
     model = ldm.load_model(args.ckpt).eval()
     size = native_size(model)

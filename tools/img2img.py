@@ -20,13 +20,14 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ldm import InputError
-from ldm.cli import HelpFormatter, run_cli
-from ldm.cli.generate import add_generation_args, check_generation_args, load_for_generation, read_prompts, run
-from ldm.images import open_image, to_rgb
+from ldm.cli import HelpFormatter, end_without_final_collection, run_cli
+from ldm.cli.flags import add_generation_args, check_generation_args, read_prompts
 
 
 def read_image(path: str, what: str) -> Image.Image:
     """The file as training reads it (`ldm.images.open_image`: upright by its EXIF tag)."""
+    from ldm.images import open_image
+
     if not Path(path).is_file():
         raise InputError(f"{what} not found: {path}")
     try:
@@ -47,6 +48,10 @@ def main() -> None:
     if not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     prompts = read_prompts(args)
+    # torch and the model stack load only now: --help and bad flags answer without them
+    from ldm.cli.generate import load_for_generation, run
+    from ldm.images import to_rgb
+
     init = to_rgb(read_image(args.init_img, "init image"))  # 16-bit scaled, transparency on white, as in training
     mask = read_image(args.mask, "mask") if args.mask else None
     if mask is not None and mask.size != init.size:
@@ -62,6 +67,7 @@ def main() -> None:
         mask = mask.resize((width, height), Image.NEAREST) if mask is not None else None
     run(args, model, device, digest, prompts, {"init_image": init, "strength": args.strength, "mask": mask},
         record={"init_image": args.init_img, "mask": args.mask})
+    end_without_final_collection()  # the images are written: skip the slow shutdown
 
 
 if __name__ == "__main__":

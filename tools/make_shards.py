@@ -35,18 +35,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import webdataset as wds
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
-from tqdm import tqdm
 
-from common.checkpoint import DiskFullError, is_disk_full, write_text_atomically
 from common.errors import InputError
 from ldm.cli import HelpFormatter, check_output_folder, run_cli
-from ldm.data.images import list_images, open_image, to_rgb
+
+if TYPE_CHECKING:  # torch, torchvision and webdataset load in the functions: --help answers without them
+    from common.checkpoint import DiskFullError
 
 SKIP_REASONS = ("missing file", "missing caption", "unreadable caption", "unreadable image")
 MAX_EXAMPLES = 20  # skipped inputs named in summary.json; the counts are complete
@@ -68,6 +65,8 @@ class Skip(Exception):
 
 def folder_items(root: Path) -> list[Item]:
     """Every image under `root`, sorted, with its same-stem .txt caption file where one exists."""
+    from ldm.data.images import list_images
+
     items = []
     for name in list_images(root):
         path = root / name
@@ -146,6 +145,11 @@ def read_caption(item: Item, *, allow_empty: bool) -> str:
 
 def encode_image(path: Path, *, resize: int | None, center_crop: bool, jpeg_quality: int) -> tuple[str, bytes, dict]:
     """(extension, image bytes, {"original_size", "size"}) for one image file; `Skip` if it cannot be decoded."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from ldm.data.images import open_image, to_rgb
+
     try:
         with Image.open(path) as probe:
             file_format = probe.format
@@ -229,6 +233,8 @@ class _Sink:
 def disk_full(files: ShardFiles, out_dir: Path, processed: int, inputs: int) -> DiskFullError:
     """Remove the unfinished shard; -> the one-line error, the size of all shards estimated from the bytes
     written per input so far."""
+    from common.checkpoint import DiskFullError
+
     needed = files.written_bytes() * inputs // max(processed, 1)
     path = files.abort() or out_dir
     kept = f"{len(files.done)} complete shards kept; " if files.done else ""
@@ -293,6 +299,12 @@ def main() -> None:
                                    ("--jpeg-quality", args.jpeg_quality, 1, 100)]:
         if value is not None and (value < low or (high is not None and value > high)):
             raise InputError(f"{flag} must be {'between 1 and ' + str(high) if high else 'at least 1'}, got {value}")
+
+    # torch, torchvision and webdataset load only now: --help and bad flags answer without them
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from common.checkpoint import is_disk_full, write_text_atomically
 
     shard_folder(args.pattern)  # a bad output location fails now, not after reading every input
     items = read_items(Path(args.src))

@@ -25,13 +25,10 @@ import zlib
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from common.errors import InputError
 from ldm.cli import HelpFormatter, check_output_folder, run_cli
-from ldm.images import open_image, to_rgb
 
 PACKAGES = ("emoji-datasource", "emoji-datasource-twitter", "emoji-datasource-google")
 LICENSES = {"twitter": "Twemoji by Twitter, CC-BY 4.0", "google": "Noto Emoji by Google, Apache 2.0"}
@@ -166,6 +163,12 @@ def main() -> None:
     for path in [args.meta, *args.art]:
         if not Path(path).is_file():
             raise InputError(f"not found: {path}")
+    # torch (ldm.images) and webdataset load only now: --help and bad flags answer without them
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from ldm.images import open_image, to_rgb
+
     entries = emoji_entries(Path(args.meta))
     arts = [(art, art_set(Path(art))) for art in args.art]  # each a package of artwork, before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,16 +19,16 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvicorn
-
+from common.choices import ATTENTION_BACKENDS
 from ldm import InputError
 from ldm.cli import HelpFormatter, pick_device, run_cli
-from ldm.denoisers.attention import BACKENDS, set_attention_backend
-from ldm.server.app import create_app
-from ldm.server.jobs import Limits
-from ldm.server.models import Models
-from ldm.server.worker import Worker
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from ldm.server.worker import Worker
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
@@ -66,22 +66,26 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-class Server(uvicorn.Server):
+def make_server(config: uvicorn.Config, worker: Worker) -> uvicorn.Server:
     """uvicorn's server that, on SIGINT / SIGTERM, also stops the worker: waiting requests are answered 503 and
     the running one is interrupted, so the shutdown does not wait for the queue to drain."""
+    import uvicorn  # imported here, as the server starts: --help answers without it
 
-    def __init__(self, config: uvicorn.Config, worker: Worker):
-        super().__init__(config)
-        self.worker = worker
+    class Server(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config, worker: Worker):
+            super().__init__(config)
+            self.worker = worker
 
-    def handle_exit(self, sig, frame) -> None:
-        """uvicorn's own, less its re-raising of the signal after the shutdown: a clean stop exits with 0."""
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True  # a second Ctrl+C: stop without waiting for the connections
-        else:
-            print("stopping: interrupting the running request, answering waiting ones 503", flush=True)
-            self.should_exit = True
-        self.worker.stop()
+        def handle_exit(self, sig, frame) -> None:
+            """uvicorn's own, less its re-raising of the signal after the shutdown: a clean stop exits with 0."""
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl+C: stop without waiting for the connections
+            else:
+                print("stopping: interrupting the running request, answering waiting ones 503", flush=True)
+                self.should_exit = True
+            self.worker.stop()
+
+    return Server(config, worker)
 
 
 def main() -> None:
@@ -98,17 +102,32 @@ def main() -> None:
     p.add_argument("--api-auth", default=None, metavar="USER:PASS", help="require HTTP Basic auth (A1111's flag)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere)")
-    p.add_argument("--attention", default="sdpa", choices=BACKENDS, help="attention implementation")
+                   help="auto: bf16 autocast on CUDA, bf16 denoiser weights on CPUs with native bf16 for large "
+                        "models, fp32 elsewhere")
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS, help="attention implementation")
     p.add_argument("--queue-size", type=int, default=8, help="most requests waiting (the running one not counted)")
-    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="most width x height of one image")
-    p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most sampling steps per request")
-    p.add_argument("--max-images", type=int, default=Limits.max_images, help="most batch_size x n_iter per request")
-    p.add_argument("--native-scale-limit", type=float, default=Limits.native_scale_limit,
+    # The limits' defaults are ldm.server.jobs.Limits', filled in after parsing (that module loads torch);
+    # tests/test_startup.py checks these help texts against them.
+    p.add_argument("--max-pixels", type=int, default=None, help="most width x height of one image (default: 4194304)")
+    p.add_argument("--max-steps", type=int, default=None, help="most sampling steps per request (default: 150)")
+    p.add_argument("--max-images", type=int, default=None, help="most batch_size x n_iter per request (default: 16)")
+    p.add_argument("--native-scale-limit", type=float, default=None,
                    help="sizes past this many times the model's native size are sampled at the native size and "
-                        "upscaled (0: never)")
+                        "upscaled (0: never) (default: 4.0)")
     p.add_argument("--outdir", default="outputs/server", help="where requests with save_images: true are written")
     args = p.parse_args()
+    # torch, the model stack and the web server load only now: --help and bad flags answer without them
+    import uvicorn
+
+    from ldm.denoisers.attention import set_attention_backend
+    from ldm.server.app import create_app
+    from ldm.server.jobs import Limits
+    from ldm.server.models import Models
+    from ldm.server.worker import Worker
+
+    for name in ("max_pixels", "max_steps", "max_images", "native_scale_limit"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(Limits, name))
     for name in ("queue_size", "max_pixels", "max_steps", "max_images"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -120,7 +139,7 @@ def main() -> None:
     device = pick_device(args.device)
     set_attention_backend(args.attention)
     models = Models(ckpt=args.ckpt, config=args.config, models_dir=args.models_dir, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings_dir, device=device)
+                    embeddings_dir=args.embeddings_dir, device=device, precision=args.precision)
     models.load()
     print(f"model: {models.current.title} on {device}", flush=True)
     worker = Worker(args.queue_size)
@@ -131,7 +150,7 @@ def main() -> None:
               file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
-    server = Server(config, worker)
+    server = make_server(config, worker)
     shown = sock.getsockname()
     url_host = "127.0.0.1" if host == "0.0.0.0" else host
     print(f"Running on http://{url_host}:{shown[1]} (API: /sdapi/v1, schema: /docs); Ctrl+C stops", flush=True)

@@ -18,28 +18,21 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 import yaml
-from torch.utils.data import DataLoader, IterableDataset
-from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
-from autoencoder import AutoencoderConfig, AutoencoderKL
-from autoencoder.losses import AutoencoderLoss, LossConfig
-from autoencoder.metrics import psnr, ssim
-from common.checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint, save_pickle
 from common.config import read_yaml
 from common.errors import InputError
-from ldm.cli import apply_overrides, autocast_dtype, check_output_folder, pick_device, run_cli, training_parser
-from ldm.data.images import ImageFolder, build_image_dataset, endless_batches, split_held_out
-from ldm.data.order import ResumableBatchSampler, SeededItems
-from ldm.formats.loading import save_autoencoder
-from ldm.training.checkpoints import checkpoint_to_resume, write_checkpoint_dir
+from ldm.cli import apply_overrides, check_output_folder, pick_device, run_cli, training_parser
 from ldm.training.config import BaseTrainConfig
-from ldm.training.ema import EMA
-from ldm.training.metrics_log import MetricsLog
+
+if TYPE_CHECKING:  # torch, torchvision and the model stack load in the functions: --help answers without them
+    import torch
+
+    from autoencoder import AutoencoderConfig, AutoencoderKL
+    from autoencoder.losses import AutoencoderLoss, LossConfig
+    from ldm.training.ema import EMA
 
 
 @dataclass
@@ -78,6 +71,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, LossConfig, AutoencoderTrainConfig]:
+    from autoencoder import AutoencoderConfig
+    from autoencoder.losses import LossConfig
+
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     for section in ("model", "loss", "train"):
         raw.setdefault(section, {})
@@ -95,6 +91,10 @@ def load_configs(args: argparse.Namespace) -> tuple[dict, AutoencoderConfig, Los
 
 def open_data(args, cfg: AutoencoderTrainConfig):
     """(training dataset, held-out images, the source dataset for skip counts); checks the data first."""
+    import torch
+
+    from ldm.data.images import ImageFolder, build_image_dataset, split_held_out
+
     size = cfg.image_size
     source = train = build_image_dataset(args.data, size, train=True, random_crop=cfg.random_crop,
                                          random_flip=cfg.random_flip)
@@ -126,6 +126,12 @@ def batches(train, cfg: AutoencoderTrainConfig, start_step: int):
     A folder's order is a pure function of (seed, step) (see ldm/data/order.py), so a resumed run
     sees the batches an uninterrupted run would; webdataset shards are a stream and are reshuffled.
     """
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from ldm.data.images import endless_batches
+    from ldm.data.order import ResumableBatchSampler, SeededItems
+
     # The loaders get their own generator: a new iterator must not draw from the global RNG.
     generator = torch.Generator().manual_seed(cfg.seed)
     if isinstance(train, IterableDataset):
@@ -137,12 +143,16 @@ def batches(train, cfg: AutoencoderTrainConfig, start_step: int):
     return endless_batches(loader)  # a finite stream starts again
 
 
-@torch.no_grad()
 def evaluate(ae: AutoencoderKL, images: torch.Tensor, device: torch.device, batch_size: int) -> tuple[dict, torch.Tensor]:
     """PSNR / SSIM / L1 of posterior-mode reconstructions of the held-out images."""
+    import torch
+
+    from autoencoder.metrics import psnr, ssim
+
     recs = []
-    for chunk in images.split(batch_size):
-        recs.append(ae.decode(ae.encode(chunk.to(device)).mode()).float().clamp(-1, 1).cpu())
+    with torch.no_grad():
+        for chunk in images.split(batch_size):
+            recs.append(ae.decode(ae.encode(chunk.to(device)).mode()).float().clamp(-1, 1).cpu())
     rec = torch.cat(recs)
     return {"val_psnr": psnr(images, rec).mean().item(), "val_ssim": ssim(images, rec).mean().item(),
             "val_l1": (images - rec).abs().mean().item()}, rec
@@ -150,6 +160,9 @@ def evaluate(ae: AutoencoderKL, images: torch.Tensor, device: torch.device, batc
 
 def save_grid(path: Path, images: torch.Tensor, recs: torch.Tensor) -> None:
     """Inputs on the top row(s), reconstructions below, as one PNG."""
+    import torch
+    from torchvision.utils import make_grid, save_image
+
     path.parent.mkdir(parents=True, exist_ok=True)
     n = min(8, len(images))
     grid = make_grid(torch.cat([images[:n], recs[:n]]), nrow=n, normalize=True, value_range=(-1, 1))
@@ -161,8 +174,20 @@ def main() -> None:
     check_output_folder(args.out, flag="--out", what="the run's files",
                         subfolders={"checkpoints": "the checkpoints", "samples": "the reconstruction grids"})
     raw, model_cfg, loss_cfg, cfg = load_configs(args)
+    # torch, torchvision and the model stack load only now: --help and bad flags answer without them
+    import torch
+    from tqdm import tqdm
+
+    from autoencoder import AutoencoderKL
+    from autoencoder.losses import AutoencoderLoss
+    from ldm.formats.loading import save_autoencoder
+    from ldm.training.checkpoints import checkpoint_to_resume, write_checkpoint_dir
+    from ldm.training.ema import EMA
+    from ldm.training.metrics_log import MetricsLog
+    from ldm.training.precision import describe_precision, training_autocast
+
     device = pick_device(args.device)
-    amp_dtype = autocast_dtype(cfg.precision, device)
+    resolved, autocast = training_autocast(cfg.precision, device, "autoencoder")  # forward and loss under it
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
     resume_from = checkpoint_to_resume(ckpt_root, resume=args.resume)
@@ -180,7 +205,7 @@ def main() -> None:
         loss_fn = AutoencoderLoss(loss_cfg).to(device)
     opt_ae = torch.optim.Adam(ae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
-    use_scaler = amp_dtype == torch.float16
+    use_scaler = resolved == "fp16"
     scaler_ae = torch.amp.GradScaler(device.type, enabled=use_scaler)
     scaler_disc = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = EMA(ae, decay=cfg.ema_decay, start_step=cfg.ema_start)
@@ -193,10 +218,10 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in ae.parameters())
     print(f"autoencoder: {n_params / 1e6:.2f}M parameters, f={model_cfg.downsampling_factor}, "
-          f"z={model_cfg.embed_dim}; device {device}, precision {cfg.precision}; lr {cfg.lr:.3g}; "
+          f"z={model_cfg.embed_dim}; device {device}, "
+          f"precision {describe_precision(cfg.precision, device, 'autoencoder')}; lr {cfg.lr:.3g}; "
           f"batch {cfg.batch_size}; held-out {len(held_images)} images")
     print(loss_fn.perceptual_status)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     log = MetricsLog(out / "metrics.csv", resume_step=step)
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train autoencoder", dynamic_ncols=True)
@@ -204,27 +229,7 @@ def main() -> None:
     while step < cfg.max_steps:
         x = next(data)["image"].to(device, non_blocking=True)
 
-        # 1. Autoencoder step: reconstruction + KL (+ adaptive-weighted GAN loss after disc_start).
-        with autocast():
-            xrec, posterior = ae(x)
-            g_loss, logs = loss_fn.generator_loss(x, xrec, posterior, step, ae.last_layer)
-        opt_ae.zero_grad(set_to_none=True)
-        scaler_ae.scale(g_loss).backward()
-        scaler_ae.step(opt_ae)
-        scaler_ae.update()
-
-        # 2. Discriminator step (hinge or vanilla), only once it is switched on.
-        if step >= loss_cfg.disc_start and loss_cfg.disc_factor > 0:
-            with autocast():
-                d_loss, d_logs = loss_fn.discriminator_loss(x, xrec.detach(), step)
-            opt_disc.zero_grad(set_to_none=True)
-            scaler_disc.scale(d_loss).backward()
-            scaler_disc.step(opt_disc)
-            scaler_disc.update()
-            logs.update(d_logs)
-
-        # 3. EMA of the autoencoder weights: the weights we ship.
-        ema.update(ae, step)
+        logs = train_step(x, step, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc, autocast)
         step += 1
         images_since += x.shape[0]
         bar.update(1)
@@ -259,8 +264,42 @@ def main() -> None:
     print(f"done: {step} steps; EMA weights in {out / 'autoencoder.safetensors'}")
 
 
+def train_step(x: torch.Tensor, step: int, ae: AutoencoderKL, loss_fn: AutoencoderLoss, ema: EMA, opt_ae, opt_disc,
+               scaler_ae, scaler_disc, autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """One training step on the images `x`; -> the losses to log. The forward passes and losses run under
+    `autocast()` (train.precision); the posterior's KL and all loss reductions stay float32."""
+    from ldm.training.precision import float32_posterior
+
+    # 1. Autoencoder step: reconstruction + KL (+ adaptive-weighted GAN loss after disc_start).
+    with autocast():
+        xrec, posterior = ae(x)
+        g_loss, logs = loss_fn.generator_loss(x, xrec, float32_posterior(posterior), step, ae.last_layer)
+    opt_ae.zero_grad(set_to_none=True)
+    scaler_ae.scale(g_loss).backward()
+    scaler_ae.step(opt_ae)
+    scaler_ae.update()
+
+    # 2. Discriminator step (hinge or vanilla), only once it is switched on.
+    if step >= loss_fn.config.disc_start and loss_fn.config.disc_factor > 0:
+        with autocast():
+            d_loss, d_logs = loss_fn.discriminator_loss(x, xrec.detach(), step)
+        opt_disc.zero_grad(set_to_none=True)
+        scaler_disc.scale(d_loss).backward()
+        scaler_disc.step(opt_disc)
+        scaler_disc.update()
+        logs.update(d_logs)
+
+    # 3. EMA of the autoencoder weights: the weights we ship.
+    ema.update(ae, step)
+    return logs
+
+
 def write_state(folder: Path, step: int, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc) -> None:
     """Everything a resumed run needs, in one checkpoint folder."""
+    import torch
+
+    from common.checkpoint import save_checkpoint, save_pickle
+
     meta = {"kind": "autoencoder", "config": json.dumps(ae.config.to_dict()), "step": str(step)}
     save_checkpoint(folder / "autoencoder.safetensors", ae.state_dict(), meta)
     save_checkpoint(folder / "autoencoder_ema.safetensors", {k: v for k, v in ema.shadow.items()}, meta)
@@ -276,6 +315,10 @@ def write_state(folder: Path, step: int, ae, loss_fn, ema, opt_ae, opt_disc, sca
 
 def restore(folder: Path, ae, loss_fn, ema, opt_ae, opt_disc, scaler_ae, scaler_disc) -> int:
     """Load a checkpoint folder into the run's objects; returns the step it was written at."""
+    import torch
+
+    from common.checkpoint import load_state_dict_checked, read_checkpoint
+
     load_state_dict_checked(ae, read_checkpoint(folder / "autoencoder.safetensors")[0], source=str(folder))
     ema.load_state_dict(read_checkpoint(folder / "autoencoder_ema.safetensors")[0])
     load_state_dict_checked(loss_fn.discriminator, read_checkpoint(folder / "discriminator.safetensors")[0],

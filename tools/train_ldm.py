@@ -27,36 +27,24 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 import yaml
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from common.config import read_yaml
 from common.errors import InputError
-from ldm import diffusion
-from ldm.cli import apply_overrides, autocast_dtype, check_output_folder, run_cli, training_parser
-from ldm.formats.loading import autoencoder_record, load_model, model_from_training_config
-from ldm.images import make_grid
-from ldm.lora.training import add_lora_arguments, attach_lora, check_lora_arguments, save_kohya
-from ldm.model import LatentDiffusion
-from ldm.training.batches import training_batches, training_buckets, unconditional_for_cache
-from ldm.training.checkpoints import (
-    checkpoint_to_resume,
-    export_ema,
-    restore_training_checkpoint,
-    save_training_checkpoint,
-)
-from ldm.training.conditioning import conditioned_model_fn, is_conditioner
+from ldm.cli import apply_overrides, check_output_folder, run_cli, training_parser
+from ldm.cli.flags import add_lora_arguments, check_lora_arguments
 from ldm.training.config import TrainConfig, lr_at
-from ldm.training.distributed import Dist, all_reduce_mean, cleanup_distributed, setup_distributed
-from ldm.training.ema import EMA
-from ldm.training.metrics_log import MetricsLog, TensorBoardLog, timestep_buckets
-from ldm.training.trainable import Trainable
 
+if TYPE_CHECKING:  # torch, the model stack, webdataset and tensorboard load in the functions: --help answers without
+    import torch
+    from torch import nn
+
+    from ldm.model import LatentDiffusion
+    from ldm.training.distributed import Dist
+    from ldm.training.ema import EMA
+    from ldm.training.trainable import Trainable
 
 def parse_args() -> argparse.Namespace:
     return add_lora_arguments(training_parser(
@@ -77,6 +65,24 @@ def main() -> None:
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     train = {**(raw.get("train") or {}), **({"max_steps": args.max_steps} if args.max_steps else {})}
     cfg = TrainConfig.from_dict(train)  # --max-steps stays out of the run's config.yaml
+    # torch, the model stack, webdataset and tensorboard load only now: --help and bad flags answer without them
+    import torch
+
+    from ldm import diffusion
+    from ldm.formats.loading import autoencoder_record
+    from ldm.lora.training import attach_lora, save_kohya
+    from ldm.training.batches import training_batches, training_buckets, unconditional_for_cache
+    from ldm.training.checkpoints import (
+        checkpoint_to_resume,
+        export_ema,
+        restore_training_checkpoint,
+        save_training_checkpoint,
+    )
+    from ldm.training.conditioning import conditioned_model_fn
+    from ldm.training.distributed import cleanup_distributed, setup_distributed
+    from ldm.training.ema import EMA
+    from ldm.training.trainable import Trainable
+
     world = setup_distributed(args.device)
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
     resume_from = checkpoint_to_resume(ckpt_root, resume=args.resume)
@@ -166,6 +172,9 @@ def main() -> None:
 
 def build_model(raw: dict, cfg: TrainConfig, device: torch.device, init: str | None = None) -> LatentDiffusion:
     """The config's model (or --init's), its autoencoder loaded (when the config names a checkpoint) and frozen."""
+    from ldm.formats.loading import load_model, model_from_training_config
+    from ldm.training.conditioning import is_conditioner
+
     # --init: a full checkpoint to fine-tune; 'default' is the embedded default model
     if init:
         model = load_model(None if init == "default" else init)
@@ -186,6 +195,8 @@ def build_model(raw: dict, cfg: TrainConfig, device: torch.device, init: str | N
 
 def parallel(trainable: Trainable, cfg: TrainConfig, world: Dist) -> nn.Module:
     """The trained module as the ranks run it: sharded (train.fsdp, CUDA), DDP (several processes), or as is."""
+    from torch.nn.parallel import DistributedDataParallel
+
     if cfg.fsdp:
         if world.device.type != "cuda":
             raise InputError("train.fsdp needs CUDA GPUs; use DDP (the default) on the CPU")
@@ -198,42 +209,55 @@ def parallel(trainable: Trainable, cfg: TrainConfig, world: Dist) -> nn.Module:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    import torch
+
     # The fused kernel: one pass over all parameters (CPU: 4.7x faster than the default for 20M parameters).
     fused = device.type in ("cpu", "cuda") and not cfg.fsdp
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def mixed_precision(precision: str, device: torch.device) -> tuple[torch.amp.GradScaler, Callable]:
-    """The gradient scaler (on for fp16 only) and the autocast context of `train.precision`."""
-    amp = autocast_dtype(precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    """The gradient scaler (on for fp16 only) and the autocast context of `train.precision` (ldm/training/precision.py:
+    bf16 autocast runs on CUDA and on the CPU; the weights, optimizer state, EMA and loss reductions stay float32)."""
+    import torch
+
+    from ldm.training.precision import training_autocast
+
+    resolved, autocast = training_autocast(precision, device, "ldm")
+    scaler = torch.amp.GradScaler(device.type, enabled=resolved == "fp16")
     return scaler, autocast
 
 
 def describe_run(step: int, resume_from: Path | None, params: list[nn.Parameter], train_text: bool,
                  cfg: TrainConfig, world: Dist) -> str:
+    from ldm.training.precision import describe_precision
+
     n_params = sum(p.numel() for p in params)
     return (f"{'resumed at step ' + str(step) + ' from ' + str(resume_from) if resume_from else 'starting'}: "
             f"{n_params / 1e6:.2f}M trainable parameters ({'denoiser + text encoder' if train_text else 'denoiser'}), "
             f"{world.world_size} process(es) on {world.device}, global batch {cfg.batch_size} x {world.world_size} "
-            f"x {cfg.grad_accum} = {cfg.batch_size * world.world_size * cfg.grad_accum}, precision {cfg.precision}")
+            f"x {cfg.grad_accum} = {cfg.batch_size * world.world_size * cfg.grad_accum}, "
+            f"precision {describe_precision(cfg.precision, world.device, 'ldm')}")
 
 
 # One training step's inputs.
 
-@torch.no_grad()
 def latents_of(model: LatentDiffusion, batch: dict, device: torch.device) -> torch.Tensor:
     """The batch's diffusion latents: its images encoded now, or a sample of its cached posterior (mean, std)."""
-    if "image" in batch:
-        return model.encode_images(batch["image"].to(device))
-    return model.latents_from_posterior(batch["mean"].to(device).float(), batch["std"].to(device).float())
+    import torch
+
+    with torch.no_grad():
+        if "image" in batch:
+            return model.encode_images(batch["image"].to(device))
+        return model.latents_from_posterior(batch["mean"].to(device).float(), batch["std"].to(device).float())
 
 
 # Now and then.
 
 def sample_images(model: LatentDiffusion, trainable: Trainable, ema: EMA, cfg: TrainConfig) -> list:
     """The fixed prompts, from seed 0, with the EMA weights (the trained ones are restored after)."""
+    import ldm.pipeline  # noqa: F401  (it attaches LatentDiffusion.generate)
+
     with ema.applied_to(trainable):
         trainable.eval()
         images = model.generate(cfg.sample_prompts, steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,
@@ -247,6 +271,10 @@ class RunRecord:
     the progress bar, and with train.log_sample_keys an audit per rank, sample_keys/rank{r}.tsv."""
 
     def __init__(self, out: Path, raw: dict, cfg: TrainConfig, world: Dist, step: int, headline: str):
+        from tqdm import tqdm
+
+        from ldm.training.metrics_log import MetricsLog, TensorBoardLog
+
         self.out, self.cfg, self.world = out, cfg, world
         self.key_log = None
         if cfg.log_sample_keys:  # what each rank saw, with a checksum of its weights after each step
@@ -273,6 +301,11 @@ class RunRecord:
     def metrics(self, step: int, losses: torch.Tensor, timesteps: torch.Tensor, grad_norm: torch.Tensor,
                 num_timesteps: int, *, skipped: int) -> None:
         """On every rank (the loss is averaged over them); rank 0 writes the row."""
+        import torch
+
+        from ldm.training.distributed import all_reduce_mean
+        from ldm.training.metrics_log import timestep_buckets
+
         mean_loss = all_reduce_mean(losses.mean()).item()
         if not self.world.is_main:
             return
@@ -290,6 +323,8 @@ class RunRecord:
         self.t_last, self.seen = now, 0
 
     def samples(self, step: int, images: list) -> None:
+        from ldm.images import make_grid
+
         (self.out / "samples").mkdir(exist_ok=True)
         grid = make_grid(images, columns=len(images))
         grid.save(self.out / "samples" / f"step_{step:08d}.png")

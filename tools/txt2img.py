@@ -17,16 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ldm.cli import HelpFormatter, run_cli
-from ldm.cli.generate import (
-    add_generation_args,
-    check_generation_args,
-    load_for_generation,
-    model_hash,
-    read_prompts,
-    run,
-)
-from ldm.formats.loading import load_model
+from ldm.cli import HelpFormatter, end_without_final_collection, run_cli
+from ldm.cli.flags import add_generation_args, check_generation_args, read_prompts
 
 
 def main() -> None:
@@ -41,6 +33,10 @@ def main() -> None:
     args = p.parse_args()
     check_generation_args(args)
     prompts = read_prompts(args)
+    # torch and the model stack load only now: --help and bad flags answer without them
+    from ldm.cli.generate import load_for_generation, model_hash, run
+    from ldm.formats.loading import load_model
+
     model, device, digest = load_for_generation(args)
     extra = {"height": args.H, "width": args.W}
     record = {}
@@ -48,6 +44,7 @@ def main() -> None:
         extra.update(refiner=load_model(args.refiner, device=device), refiner_switch=args.refiner_switch)
         record = {"refiner": args.refiner, "refiner_hash": model_hash(Path(args.refiner))}
     run(args, model, device, digest, prompts, extra, record=record)
+    end_without_final_collection()  # the images are written: skip the slow shutdown
 
 
 if __name__ == "__main__":

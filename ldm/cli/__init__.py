@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 from tqdm import tqdm
 
-from common.checkpoint import disk_full_path, is_disk_full
 from common.errors import InputError
+from common.hardware import cpu_has_native_bf16
+from common.lazy import LazyModule
+
+torch = LazyModule("torch")  # imported at the first use: a tool's --help and its flag checks never load it
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -139,6 +143,42 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return table[precision]
 
 
+# On the CPU, `auto` picks bf16 for denoisers of at least this many parameters (SD's UNet has 860M): their
+# matmuls are large enough to run at about twice the fp32 rate, while a small model's (the default model's
+# UNet) gain little and pay the casts (bench/RESULTS.md, "bf16 on the CPU").
+CPU_BF16_MIN_PARAMETERS = 100_000_000
+
+
+def generation_precision(precision: str, device: torch.device,
+                         model: torch.nn.Module | None = None) -> tuple[str, torch.dtype | None]:
+    """(the precision generation runs at, its autocast dtype or None). GPUs autocast (`autocast_dtype`; auto:
+    bf16 where supported). On the CPU, bf16 keeps the denoiser's weights in bf16 (`cast_for_cpu_bf16`: no
+    autocast); `auto` picks it on CPUs that multiply bf16 natively (`common.hardware`) for a `model` whose
+    denoiser is large (`CPU_BF16_MIN_PARAMETERS`), fp32 otherwise."""
+    if device.type != "cpu":
+        amp = autocast_dtype(precision, device)
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp], amp
+    if precision == "auto":
+        denoiser = getattr(model, "denoiser", None)
+        large = denoiser is not None and sum(p.numel() for p in denoiser.parameters()) >= CPU_BF16_MIN_PARAMETERS
+        precision = "bf16" if large and cpu_has_native_bf16() else "fp32"
+    if precision == "fp16":
+        raise InputError("precision fp16 is for GPUs (CPUs have no fast fp16 and it overflows); use bf16 or fp32")
+    if precision not in ("fp32", "bf16"):
+        raise InputError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    return precision, None
+
+
+def cast_for_cpu_bf16(model: torch.nn.Module) -> None:
+    """CPU bf16 inference: the denoiser's weights in bf16, where nearly all the time goes (its matmuls and
+    convolutions run at about twice the fp32 rate on AVX-512 BF16 / AMX). Its GroupNorms compute in fp32
+    (GroupNorm32) and SDPA accumulates in fp32; `LatentDiffusion.sample` casts the latent and the context
+    to bf16 at each call and the output back, so the sampler's arithmetic stays fp32. The text encoder runs
+    once per prompt and the VAE once per image: both stay fp32, which keeps the decoded pixels exact."""
+    if model.denoiser is not None:
+        model.denoiser.to(torch.bfloat16)
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run `main`; bad input prints one line `error: ...` and exits 2, with no traceback. So does a full
     disk met by any write (the writers in common.checkpoint also remove their partial file and say how
@@ -150,7 +190,7 @@ def run_cli(main: Callable[[], Any]) -> None:
         _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except torch.OutOfMemoryError:
+    except _torch_out_of_memory():
         _close_progress_bars()
         print("error: out of memory: use a smaller --n_samples / --batch_size, --vae-tiling, or a lower "
               "--precision (fp16 / bf16)", file=sys.stderr)
@@ -159,6 +199,7 @@ def run_cli(main: Callable[[], Any]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
+        from common.checkpoint import disk_full_path, is_disk_full
         if not is_disk_full(exc):
             raise
         where = disk_full_path(exc)
@@ -166,6 +207,21 @@ def run_cli(main: Callable[[], Any]) -> None:
         print(f"error: disk full{' at ' + str(where) if where else ''}: free space or choose another output folder",
               file=sys.stderr)
         sys.exit(2)
+
+
+def end_without_final_collection() -> None:
+    """Let this process end without Python's garbage collections at shutdown, which walk every object torch
+    made (about 0.5 s on 2 CPU cores): at exit, the objects still alive are frozen (`gc.freeze`), so the
+    collections skip them; the memory goes back to the system with the process. For a command whose files
+    are all written and closed (txt2img and img2img call it once their images are saved): cyclic garbage
+    left at exit is not finalized then."""
+    atexit.unregister(gc.freeze)  # once, however often it is called in one process
+    atexit.register(gc.freeze)
+
+
+def _torch_out_of_memory() -> type[BaseException] | tuple[()]:
+    """torch's OutOfMemoryError, or nothing to catch where torch was never imported (it ran out of nothing)."""
+    return sys.modules["torch"].OutOfMemoryError if "torch" in sys.modules else ()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

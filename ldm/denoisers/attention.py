@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoencoder.modules import is_channels_last
+from common.choices import ATTENTION_BACKENDS as BACKENDS  # the --attention choices, without torch
 from common.errors import InputError
 from ldm.denoisers.conv import Conv2d
 
-BACKENDS = ("sdpa", "xformers", "math")
 _backend = "sdpa"
 _upcast = False
 

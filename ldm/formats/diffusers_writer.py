@@ -40,6 +40,7 @@ from ldm.formats.diffusers_keys import (
 )
 from ldm.formats.sgm import CLIP_EMBEDDER, OPEN_CLIP_EMBEDDER, SIZE_EMBEDDER
 from ldm.text import HF_CLIP_TARGET, OPEN_CLIP_TARGET
+from ldm.text.bpe import bytes_to_unicode, default_bpe
 
 CLIP_VOCAB_SIZE = 49408  # towers with this vocabulary get a tokenizer folder (CLIP's BPE)
 
@@ -94,8 +95,6 @@ def clip_tokenizer_files(*, pad_token: str, bpe: str | Path | None = None) -> di
     """The files of a Hugging Face `CLIPTokenizer` folder (vocab.json, merges.txt, special_tokens_map.json,
     tokenizer_config.json) built from an open_clip BPE merges file (default: open_clip's CLIP BPE, 49408
     tokens), with `pad_token` ("<|endoftext|>" for SD 1.x and SDXL's CLIP-L, "!" (id 0) for OpenCLIP towers)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe  # imported here: open_clip is slow to import
-
     merges = gzip.open(bpe or default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     symbols = list(bytes_to_unicode().values())  # as open_clip's SimpleTokenizer builds its vocabulary
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]

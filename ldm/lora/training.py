@@ -16,7 +16,6 @@ read. `detach_lora(model, network)` removes the adapters and leaves the base wei
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass, field
@@ -155,33 +154,3 @@ def detach_lora(model: nn.Module, network: LoraNetwork) -> None:
 def save_kohya(path: str | Path, network: LoraNetwork) -> None:
     """Write the adapters as a kohya LoRA `.safetensors` (atomically: a crash leaves the old file or the new)."""
     save_checkpoint(path, network.state_dict(), network.metadata(), ours=False)
-
-
-def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """train_ldm.py's options for starting from a full model and training LoRA adapters on it."""
-    parser.add_argument("--init", default=None, metavar="PATH",
-                        help="start from this model (our checkpoint, an SD .ckpt/.safetensors, a diffusers folder; "
-                             "'default': the embedded default model) instead of the config's model section")
-    parser.add_argument("--lora-rank", type=int, default=None, metavar="R",
-                        help="freeze the model and train rank-R LoRA adapters on the UNet's attention and "
-                             "feed-forward projections; saves OUT/lora.safetensors (kohya format)")
-    parser.add_argument("--lora-alpha", type=float, default=None, metavar="A",
-                        help="LoRA alpha: the update is scaled by A / R (default: R, scale 1)")
-    parser.add_argument("--lora-text-encoder", action="store_true",
-                        help="also train LoRA adapters on the text encoder's attention and MLP projections")
-    return parser
-
-
-def check_lora_arguments(args: argparse.Namespace) -> None:
-    """The LoRA options' combinations: alpha and --lora-text-encoder need --lora-rank; no --resume (yet)."""
-    if args.lora_rank is None:
-        if args.lora_alpha is not None or args.lora_text_encoder:
-            raise InputError("--lora-alpha and --lora-text-encoder go with --lora-rank R")
-        return
-    if args.lora_rank < 1:
-        raise InputError(f"--lora-rank must be a whole number >= 1, got {args.lora_rank}")
-    if args.resume:
-        raise InputError("--resume is not supported with --lora-rank: start a new run (OUT/lora.safetensors holds "
-                         "the adapters of the last checkpoint)")
-    if args.lora_alpha is None:
-        args.lora_alpha = float(args.lora_rank)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from common.choices import SAMPLER_NAMES
 from common.errors import InputError
 from ldm.diffusion.parameterization import ModelFn
 from ldm.diffusion.process import noise_to_level, noise_to_sigma
@@ -55,6 +56,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler_a": SamplerSpec(sample_euler_ancestral, leading_plan, sigma_space=True),
     "heun": SamplerSpec(sample_heun, leading_plan, sigma_space=True),
 }
+assert tuple(SAMPLERS) == SAMPLER_NAMES, "common.choices.SAMPLER_NAMES names the samplers, in order"
 
 __all__ = ["SAMPLERS", "SPACINGS", "DiscreteDenoiser", "Plan", "SamplerSpec", "guided_model_fn", "plan", "sample"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from common.choices import TIMESTEP_SPACINGS
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.samplers.interface import Plan
 
@@ -82,6 +83,7 @@ def sigma_to_t(sigmas: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 # instead of its sampler's own.
 SPACINGS = {"leading": leading_timesteps, "trailing": trailing_timesteps, "linspace": linspace_timesteps,
             "sgm": sgm_timesteps}
+assert tuple(SPACINGS) == TIMESTEP_SPACINGS, "common.choices.TIMESTEP_SPACINGS names the spacings, in order"
 
 
 def _timesteps(default, schedule: NoiseSchedule, steps: int, spacing: str | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import InputError
 from ldm import samplers
-from ldm.cli import autocast_dtype
+from ldm.cli import generation_precision
 from ldm.cli.generate import lora_requests, parameters_text, png_bytes, png_info, save_numbered
 from ldm.images import open_image, to_rgb, to_uint8
 from ldm.pipeline import LAST_SEED, MAX_SEED, native_size
@@ -192,7 +192,7 @@ def _generate(plan, progress, models, model, limits, *, precision, outdir) -> di
     if is_img2img:
         per_batch = max(1, min(per_batch, int(strength * per_batch)))
     progress.steps = per_batch * request.n_iter
-    amp = autocast_dtype(precision, models.device)
+    _, amp = generation_precision(precision, models.device)
     autocast = torch.autocast(models.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     eta = request.eta if plan.sampler == "ddim" and request.eta is not None else 0.0
     images, interrupted = [], False

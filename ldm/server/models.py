@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from common.errors import InputError
+from ldm.cli import cast_for_cpu_bf16, generation_precision
 from ldm.cli.generate import LORA_SUFFIXES, apply_loras
 from ldm.formats.loading import DEFAULT_MODEL, load_model
 from ldm.model import LatentDiffusion
@@ -74,11 +75,13 @@ class Models:
     """The catalogue and the loaded model. Only the worker thread loads or uses the model."""
 
     def __init__(self, *, ckpt: str | None = None, config: str | None = None, models_dir: str | None = None,
-                 lora_dir: str | None = None, embeddings_dir: str | None = None, device: torch.device):
+                 lora_dir: str | None = None, embeddings_dir: str | None = None, device: torch.device,
+                 precision: str = "auto"):
         self.models_dir = Path(models_dir) if models_dir else None
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.embeddings_dir = embeddings_dir
-        self.device = device
+        self.device, self.precision = device, precision
+        generation_precision(precision, device)  # fails now on a precision the device cannot do
         if self.models_dir is not None and not self.models_dir.is_dir():
             raise InputError(f"--models-dir {self.models_dir} is not a folder: give the folder of checkpoints")
         if self.lora_dir is not None and not self.lora_dir.is_dir():
@@ -134,6 +137,8 @@ class Models:
                              "text-to-image model")
         if self.embeddings_dir is not None:
             load_embeddings(model.text_encoder, self.embeddings_dir)
+        if generation_precision(self.precision, self.device, model)[0] == "bf16" and self.device.type == "cpu":
+            cast_for_cpu_bf16(model)
         if checkpoint.sha256 is None:
             checkpoint.sha256 = file_sha256(Path(checkpoint.filename))
         self.model, self.current, self.loras, self.lora_hashes = model.eval(), checkpoint, (), None

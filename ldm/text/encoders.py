@@ -22,6 +22,7 @@ from torch import nn
 from common.errors import InputError
 from ldm.text.prompts import encode_prompts
 from ldm.text.tokenizer import VOCAB_SIZE, tokenize
+from ldm.text.transformer import TextTower
 
 LAYERS = ("last", "penultimate")
 
@@ -32,10 +33,14 @@ class _CLIPText(nn.Module):
     Attributes are assigned in `CLIP.__init__`'s order, so the state dict has its names and order.
     """
 
-    def __init__(self, text_cfg: Mapping[str, Any], embed_dim: int | None, quick_gelu: bool) -> None:
+    def __init__(self, text_cfg: Mapping[str, Any], embed_dim: int | None, quick_gelu: bool,
+                 open_clip_tower: bool = True) -> None:
         super().__init__()
-        from open_clip.model import _build_text_tower  # the text tower alone, with every TextTransformer option
-        tower = _build_text_tower(embed_dim or 0, dict(text_cfg), quick_gelu)  # output_dim 0: no text_projection
+        if open_clip_tower:  # the text tower alone, with every TextTransformer option
+            from open_clip.model import _build_text_tower
+            tower = _build_text_tower(embed_dim or 0, dict(text_cfg), quick_gelu)  # output_dim 0: no text_projection
+        else:  # the same tower with the default options, without importing open_clip (ldm/text/transformer.py)
+            tower = TextTower(embed_dim or 0, text_cfg, quick_gelu)
         self.transformer = tower.transformer
         self.token_embedding = tower.token_embedding
         self.positional_embedding = tower.positional_embedding
@@ -56,6 +61,8 @@ class OpenCLIPTextEncoder(nn.Module):
     file (None: CLIP's). Frozen (no gradients, eval mode) unless `trainable`.
     """
 
+    open_clip_tower = True  # built by open_clip (every TextTransformer option); False: ldm/text/transformer.py
+
     def __init__(self, text_cfg: Mapping[str, Any], *, embed_dim: int | None = None, quick_gelu: bool = False,
                  layer: str = "penultimate", pad_token_id: int = 0, trainable: bool = False,
                  final_norm: bool = True, bpe: str | None = None) -> None:
@@ -67,7 +74,7 @@ class OpenCLIPTextEncoder(nn.Module):
                              "open_clip text transformers with the CLIP tokenizer (e.g. ViT-H-14, ViT-L-14, ViT-bigG-14)")
         if text_cfg.get("layers", 12) < (2 if layer == "penultimate" else 1):
             raise InputError(f"layer={layer!r} needs more transformer layers than {text_cfg.get('layers')}")
-        self.model = _CLIPText(text_cfg, embed_dim, quick_gelu)
+        self.model = _CLIPText(text_cfg, embed_dim, quick_gelu, open_clip_tower=self.open_clip_tower)
         self.layer, self.pad_token_id, self.trainable = layer, pad_token_id, trainable
         self.final_norm, self.bpe = final_norm, bpe
         self.context_length = self.model.positional_embedding.shape[0]
@@ -146,7 +153,10 @@ class OpenCLIPTextEncoder(nn.Module):
 
 class SmallTextEncoder(OpenCLIPTextEncoder):
     """A small trainable text transformer over the CLIP tokenizer, for models trained from scratch:
-    token embedding, learned positional embedding, `layers` causal pre-LN blocks, final LayerNorm."""
+    token embedding, learned positional embedding, `layers` causal pre-LN blocks, final LayerNorm.
+    Built without open_clip (`ldm/text/transformer.py`: the same tower, weights and names)."""
+
+    open_clip_tower = False
 
     def __init__(self, *, width: int = 512, layers: int = 4, heads: int = 8, context_length: int = 77,
                  quick_gelu: bool = False, layer: str = "last", pad_token_id: int = 0, trainable: bool = True,

@@ -4,23 +4,23 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from common.errors import InputError
+from ldm.text.bpe import CLIPBPE
 
 SOT_TOKEN, EOT_TOKEN, VOCAB_SIZE = 49406, 49407, 49408
 
 
 @functools.cache
-def _bpe(path: str | None = None) -> Any:
-    from open_clip.tokenizer import SimpleTokenizer  # imported here: open_clip takes seconds to import
+def _bpe(path: str | None = None) -> CLIPBPE:
     if path is None:
-        return SimpleTokenizer()  # the vocabulary ships inside open_clip
+        return CLIPBPE()  # CLIP's vocabulary, which ships inside open_clip
     if not Path(path).is_file():
         raise InputError(f"tokenizer merges file not found: {path}; give the BPE file the text encoder was trained with")
-    return SimpleTokenizer(str(path))
+    return CLIPBPE(path)
 
 
 def special_tokens(bpe: str | None = None) -> tuple[int, int]:

@@ -19,7 +19,7 @@ class BaseTrainConfig:
 
     adam_betas: tuple[float, float] = (0.9, 0.999)
     ema_start: int = 0
-    precision: str = "auto"             # auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16 (with a grad scaler)
+    precision: str = "auto"             # auto, fp32, bf16, fp16 (CUDA, with a grad scaler): ldm/training/precision.py
     log_every: int = 50
     sample_every: int = 1000
     keep_checkpoints: int = 2
@@ -50,6 +50,8 @@ class BaseTrainConfig:
             raise InputError(f"train config: adam_betas must be two numbers in [0, 1), got {list(config.adam_betas)}")
         if not 0 <= getattr(config, "ema_decay", 0) <= 1:
             raise InputError(f"train config: ema_decay must be in [0, 1], got {config.ema_decay}")
+        from ldm.training.precision import check_precision  # here: it imports torch
+        check_precision(config.precision)
         config.check()
         return config
 
