@@ -11,64 +11,28 @@
   CPU's native bf16 feature (AVX512_BF16, AMX): where bench/train_precision.py measured bf16 autocast faster than
   fp32 with the same loss curve. fp32 otherwise (README.md, "Training precision").
 
-Generation has its own rule (`ldm.cli.autocast_dtype`, which keeps the CPU in fp32).
+Generation has its own rule (`ldm.cli.generation_precision`: bf16 weights, no autocast, for large models).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
 
 from autoencoder.distributions import DiagonalGaussian
 from common.errors import InputError
+from common.hardware import cpu_bf16_feature
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The CPU features that run bf16 natively (oneDNN's bf16 kernels); without them bf16 is emulated and slower.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 TRAINERS = ("ldm", "autoencoder")
 # Per trainer, the native bf16 features of a CPU on which `auto` picks bf16 autocast: where bench/train_precision.py
 # measured it faster than fp32 with agreeing loss curves, on the default model's recipe (bench/RESULTS.md, an
 # AVX512_BF16 EPYC): the LDM step 1.09x fp32's steps/s, loss within 0.05% over 200 steps; the autoencoder step
 # 0.90x before the discriminator starts and 1.05x after, 0.96x over the recipe, so fp32. AMX is not measured.
 AUTO_BF16_ON_CPU: dict[str, tuple[str, ...]] = {"ldm": ("avx512_bf16",), "autoencoder": ()}
-
-
-@functools.cache
-def cpu_bf16_feature() -> str | None:
-    """The CPU's native bf16 feature ('amx_bf16' or 'avx512_bf16'), or None: from torch's CPU info where it has
-    one, else the flags in /proc/cpuinfo. (`torch.backends.cpu.get_cpu_capability()` names only the vector
-    width, 'AVX512', not bf16 support.)"""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if "AMX" in capability:
-        return "amx_bf16"
-    flags: set[str] = set()
-    info = getattr(getattr(torch._C, "_cpu", None), "_get_cpu_capability", None)  # private: used only if present
-    if info is not None:
-        try:
-            flags = {name for name, value in info().items() if value is True}
-        except Exception:  # any failure means "not known here": /proc/cpuinfo below
-            flags = set()
-    if not flags:
-        flags = _proc_cpuinfo_flags()
-    for name in reversed(NATIVE_BF16_FLAGS):  # AMX first: the faster one
-        if name in flags:
-            return name
-    return None
-
-
-def _proc_cpuinfo_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def check_precision(precision: str) -> None:
