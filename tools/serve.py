@@ -80,7 +80,7 @@ def make_server(config: uvicorn.Config, worker: Worker) -> uvicorn.Server:
             """uvicorn's own, less its re-raising of the signal after the shutdown: a clean stop exits with 0."""
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True  # a second Ctrl+C: stop without waiting for the connections
-            else:
+            elif not self.should_exit:  # once, though a launcher (timeout, a shell) may pass the signal on again
                 print("stopping: interrupting the running request, answering waiting ones 503", flush=True)
                 self.should_exit = True
             self.worker.stop()
