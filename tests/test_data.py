@@ -446,3 +446,31 @@ def test_one_wholly_corrupt_shard_among_good_ones_never_stops_the_stream(shards:
         (tmp_path / "corrupt2.tar").write_bytes((tmp_path / "corrupt.tar").read_bytes())
         with pytest.raises(InputError, match=r"after \d+ shard reads and skipped samples in 2 shard\(s\): \d+ skipped"):
             next(iter(WebDatasetImages(str(tmp_path / "corrupt{,2}.tar"), SIZE, shuffle_buffer=0)))  # all corrupt
+
+
+# --- train_ldm's batches: flips ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_training_batches_flip_only_when_asked(tmp_path: Path, random_flip: bool) -> None:
+    """train.random_flip (default off, as kohya's flip_aug and diffusers' --random_flip): a picture red on its left
+    half and blue on its right never arrives mirrored by default; with the option about half the samples do."""
+    from ldm.training.batches import training_batches
+    from ldm.training.config import TrainConfig
+
+    half = Image.new("RGB", (SIZE, SIZE), (255, 0, 0))
+    half.paste((0, 0, 255), (SIZE // 2, 0, SIZE, SIZE))
+    with wds.TarWriter(str(tmp_path / "000000.tar")) as writer:
+        for k in range(8):
+            writer.write({"__key__": f"{k:08d}", "png": _png_bytes(half), "txt": b"red left, blue right"})
+    assert TrainConfig().random_flip is False
+    cfg = TrainConfig.from_dict({"image_size": SIZE, "batch_size": 8, "num_workers": 0, "random_flip": random_flip})
+    _, batches = training_batches(data=str(tmp_path / "000000.tar"), latents=None, cfg=cfg, rank=0, step=0,
+                                  buckets=None, uncond={}, autoencoder=None)
+    images = torch.cat([next(batches)["image"] for _ in range(8)])  # 64 samples
+    mirrored = (images[:, 2, :, 0] > 0).all(1)  # blue on the left column
+    assert (images[:, 0, :, 0] > 0).all(1).logical_xor(mirrored).all()  # each sample is one or the other
+    share = mirrored.float().mean().item()
+    assert share == 0.0 if not random_flip else 0.3 < share < 0.7
+    with pytest.raises(InputError, match="random_flip is true or false"):
+        TrainConfig.from_dict({"random_flip": "yes"})

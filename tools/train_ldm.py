@@ -18,6 +18,8 @@ original size, crop and target size (SDXL sec. 2.2). train.buckets=true fits ima
 each batch of one bucket (ldm/data/buckets.py).
 The run folder gets metrics.csv and tensorboard/ (loss, loss per timestep range, lr, images/s, GPU memory), samples/ (grids of fixed prompts and seeds, EMA weights),
 checkpoints/step_*/ and, at the end, model.safetensors (EMA weights; ldm.load_model and txt2img --ckpt read it).
+With train.eval_every=N, every N steps rank 0 also scores the EMA weights' prompt adherence (a classifier's
+eval_accuracy, CLIP's eval_clip_score and eval_clip_accuracy; ldm/training/evaluation.py) into the same logs.
 With --lora-rank the model (--init PATH, or the config's) stays frozen and only LoRA adapters train
 (ldm/lora/training.py); each checkpoint and the end write lora.safetensors (kohya format; model.load_lora reads it).
 """
@@ -81,9 +83,12 @@ def main() -> None:
     from ldm.training.conditioning import conditioned_model_fn
     from ldm.training.distributed import cleanup_distributed, setup_distributed
     from ldm.training.ema import EMA
+    from ldm.training.evaluation import PromptAdherence
     from ldm.training.trainable import Trainable
 
     world = setup_distributed(args.device)
+    # The evaluation's classifier / CLIP files load first: a missing or unfit one stops the run before any work.
+    evaluator = PromptAdherence.from_config(cfg, world.device) if cfg.eval_every and world.is_main else None
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
     resume_from = checkpoint_to_resume(ckpt_root, resume=args.resume)
 
@@ -94,7 +99,7 @@ def main() -> None:
             if args.lora_rank else None)  # the model frozen, adapters on it
     train_text = args.lora_text_encoder if lora else bool(getattr(model.text_encoder, "trainable", False))
     trainable = Trainable(model.denoiser, model.text_encoder if train_text else None).to(world.device)
-    ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start)  # kept on the training device
+    ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start, warmup=cfg.ema_warmup)  # on the device
     net = parallel(trainable, cfg, world)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, world.device)
@@ -114,6 +119,8 @@ def main() -> None:
                                                                     train_text=train_text))
     schedule = model.schedule
     record = RunRecord(out, raw, cfg, world, step, describe_run(step, resume_from, params, train_text, cfg, world))
+    if evaluator is not None:
+        print(f"{evaluator.describe()}, every {cfg.eval_every} steps")
 
     while step < cfg.max_steps:
         for group in optimizer.param_groups:
@@ -147,12 +154,14 @@ def main() -> None:
         step += 1
         record.step_done(step, keys, params)
 
-        # 5. Now and then: the log, a sample grid (EMA weights), a checkpoint.
+        # 5. Now and then: the log, a sample grid and the prompt-adherence evaluation (EMA weights), a checkpoint.
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             record.metrics(step, torch.cat(losses), torch.cat(timesteps), grad_norm, schedule.num_timesteps,
                            skipped=dataset.skipped)
         if world.is_main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             record.samples(step, sample_images(model, trainable, ema, cfg))
+        if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            record.evaluation(step, evaluator.evaluate(model, trainable, ema))  # rank 0 only; no collectives
         if lora and world.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             save_kohya(out / "lora.safetensors", lora)
         elif not lora and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
@@ -329,6 +338,13 @@ class RunRecord:
         grid = make_grid(images, columns=len(images))
         grid.save(self.out / "samples" / f"step_{step:08d}.png")
         self.board.add_image("samples", grid, step)
+
+    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0: the evaluation's row (metrics.csv gains its columns), scalars and one line above the bar."""
+        self.log.write({"step": step, **metrics})
+        self.board.write({"step": step, **metrics})
+        self.bar.write(f"step {step}: " + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+        self.t_last += metrics["eval_seconds"]  # images/s counts training time only
 
     def close(self) -> None:
         self.bar.close()

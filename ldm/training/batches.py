@@ -60,7 +60,8 @@ def training_batches(*, data: str | None, latents: str | None, cfg: TrainConfig,
         dataset = WebDatasetLatents(latents, autoencoder=autoencoder, **stream)
         collate, shape_of = functools.partial(collate_latents, **uncond), "mean"
     else:
-        dataset = WebDatasetCaptions(data, cfg.image_size, random_crop=cfg.random_crop, buckets=buckets, **stream)
+        dataset = WebDatasetCaptions(data, cfg.image_size, random_crop=cfg.random_crop,
+                                     random_flip=cfg.random_flip, buckets=buckets, **stream)
         collate, shape_of = (collate_images if buckets is not None else None), "image"
     generator = torch.Generator().manual_seed(seed + rank)
     if buckets is None:

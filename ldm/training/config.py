@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from common.config import check_keys, coerce_numbers
+from common.config import check_keys, coerce_numbers, whole_numbers
 from common.errors import InputError
 
 Config = TypeVar("Config", bound="BaseTrainConfig")
@@ -72,6 +72,7 @@ class TrainConfig(BaseTrainConfig):
     grad_clip: float = 1.0
     max_steps: int = 10_000
     ema_decay: float = 0.9999
+    ema_warmup: bool = True             # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (LitEma)
     gradient_checkpointing: bool = False
     fsdp: bool = False                  # shard the denoiser (CUDA); DDP otherwise
     caption_dropout: float = 0.1        # the empty caption, for classifier-free guidance
@@ -85,15 +86,26 @@ class TrainConfig(BaseTrainConfig):
     buckets: bool = False               # aspect-ratio buckets around image_size (ldm.data.buckets); false: square crops
     bucket_max_ratio: float = 2.0       # the buckets' largest long side / short side
     random_crop: bool = True            # random crops (false: centred), square or bucketed
+    random_flip: bool = False           # random horizontal flips (off, as kohya's flip_aug and diffusers' random_flip:
+                                        # a flip mirrors text and digits and swaps left / right in captions)
     sample_prompts: list[str] = field(default_factory=lambda: ["a red apple", "a yellow star"])
     sample_steps: int = 25
     sample_scale: float = 5.0
+    # Prompt adherence of the EMA weights every eval_every steps (0: off): ldm/training/evaluation.py.
+    eval_every: int = 0
+    eval_prompts: list[str] | None = None   # None: the sample_prompts
+    eval_images_per_prompt: int = 4         # seeds 0 .. n-1 for each prompt
+    eval_steps: int | None = None           # None: sample_steps
+    eval_scale: float | None = None         # None: sample_scale
+    eval_classifier: str | None = None      # TorchScript file: images (B, 3, H, W) in [0, 1] -> logits (B, C)
+    eval_labels: list[int] | None = None    # the classifier's class of each eval prompt
+    eval_clip: str | None = None            # "ARCH:PATH": an open_clip architecture and a local weights file
 
     at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "grad_accum", "max_steps", "log_every", "sample_every",
-                                               "ckpt_every")
+                                               "ckpt_every", "eval_images_per_prompt")
     positive: ClassVar[tuple[str, ...]] = ("lr", "grad_clip")
     non_negative: ClassVar[tuple[str, ...]] = (*BaseTrainConfig.non_negative, "warmup_steps", "weight_decay",
-                                               "offset_noise", "sample_scale")
+                                               "offset_noise", "sample_scale", "eval_every")
 
     def check(self) -> None:
         if self.min_snr_gamma is not None:
@@ -103,12 +115,63 @@ class TrainConfig(BaseTrainConfig):
                                  f"got {self.min_snr_gamma}")
         if not 0 <= self.caption_dropout <= 1:
             raise InputError(f"train config: caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        for name in ("buckets", "random_crop"):
+        for name in ("buckets", "random_crop", "random_flip", "ema_warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"train config: {name} is true or false, got {getattr(self, name)!r}")
         if self.bucket_max_ratio < 1:
             raise InputError(f"train config: bucket_max_ratio must be a number >= 1 (long side / short side), "
                              f"got {self.bucket_max_ratio}")
+        self.check_evaluation()
+
+    def check_evaluation(self) -> None:
+        """The eval_* keys' values and how they fit together; the files are read by ldm/training/evaluation.py."""
+        prompts = self.sample_prompts if self.eval_prompts is None else self.eval_prompts
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"train config: eval_prompts must be a non-empty list of prompts or null (the "
+                             f"sample_prompts), got {prompts!r}")
+        self._optional_number("eval_steps", whole=True, low=1, fallback="the sample_steps")
+        self._optional_number("eval_scale", whole=False, low=0, fallback="the sample_scale")
+        for name in ("eval_classifier", "eval_clip"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                what = "a TorchScript file" if name == "eval_classifier" else "ARCH:PATH (open_clip)"
+                raise InputError(f"train config: {name} must be {what} or null, got {value!r}")
+        if self.eval_labels is not None:
+            self.eval_labels = list(whole_numbers(self.eval_labels, "train config", "eval_labels"))
+            if self.eval_classifier is None:
+                raise InputError("train config: eval_labels are class indices of eval_classifier; set "
+                                 "eval_classifier (a TorchScript file) or drop eval_labels")
+            if len(self.eval_labels) != len(prompts):
+                raise InputError(f"train config: eval_labels has {len(self.eval_labels)} entries for {len(prompts)} "
+                                 "eval prompts; give one class index per prompt, in the prompts' order")
+            if min(self.eval_labels) < 0:
+                raise InputError(f"train config: eval_labels must be class indices >= 0, got {self.eval_labels}")
+        elif self.eval_classifier is not None:
+            raise InputError(f"train config: eval_classifier needs eval_labels, one class index per eval prompt "
+                             f"({len(prompts)} prompts)")
+        if self.eval_clip is not None:
+            arch, _, path = self.eval_clip.partition(":")
+            if not arch or not path:
+                raise InputError(f"train config: eval_clip must be ARCH:PATH, an open_clip architecture and a local "
+                                 f"weights file (e.g. ViT-B-32:/models/open_clip_pytorch_model.bin), "
+                                 f"got {self.eval_clip!r}")
+        if self.eval_every and self.eval_classifier is None and self.eval_clip is None:
+            raise InputError(f"train config: eval_every {self.eval_every} needs a metric; set eval_classifier (with "
+                             "eval_labels) or eval_clip, or eval_every 0")
+
+    def _optional_number(self, name: str, *, whole: bool, low: float, fallback: str) -> None:
+        """A field that is a number (a whole one with `whole`) >= `low`, or None for `fallback`."""
+        value = getattr(self, name)
+        if value is None:
+            return
+        try:
+            number = math.nan if isinstance(value, bool) else float(value)  # "5": YAML 1.1 reads some numbers so
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if not (math.isfinite(number) and number >= low and (not whole or number.is_integer())):
+            raise InputError(f"train config: {name} must be {'a whole number' if whole else 'a number'} >= {low} or "
+                             f"null ({fallback}), got {value!r}")
+        setattr(self, name, int(number) if whole else number)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -1,0 +1,74 @@
+"""bench/learning.py: its data say what their captions say, its scores compute what they claim, and (slow) the
+whole path runs with our tools."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import learning  # noqa: E402
+import learning_data  # noqa: E402
+
+
+def test_shapes_are_drawn_where_and_in_the_colour_their_caption_says():
+    data = learning_data.shapes_data(per_prompt=3, seed=1)
+    assert len(data.images) == 4 * 4 * 4 * 3 and len(data.prompts()) == 64
+    for pixels, (shape, colour, place), caption in zip(data.images, data.labels, data.captions):
+        assert caption == f"{list(learning_data.COLOURS)[colour]} {learning_data.SHAPES[shape]}, {learning_data.PLACES[place]}"
+        x = pixels.astype(float)
+        ink = (255 - x).sum(0)  # white background: 0
+        ys, xs = np.nonzero(ink > 60)
+        cy, cx = ys.mean(), xs.mean()
+        assert (cx >= 16) == (place % 2 == 1) and (cy >= 16) == (place // 2 == 1)  # the quadrant
+        mean = x[:, ink > 300].mean(1)  # the solid inside
+        nearest = np.argmin([np.abs(mean - np.array(rgb)).sum() for rgb in learning_data.COLOURS.values()])
+        assert nearest == colour
+
+
+def test_the_shapes_differ_and_each_prompt_varies():
+    data = learning_data.shapes_data(per_prompt=4, seed=0)
+    masks = {}
+    for pixels, (shape, colour, place) in zip(data.images, data.labels):
+        masks.setdefault(shape, []).append(((255 - pixels.astype(float)).sum(0) > 60).sum())
+    areas = {s: np.mean(a) for s, a in masks.items()}
+    assert areas[learning_data.SHAPES.index("triangle")] < areas[learning_data.SHAPES.index("square")]  # not one blob
+    groups = [np.arange(k * 4, (k + 1) * 4) for k in range(64)]
+    assert learning.diversity(data.images.astype(np.float32) / 255, groups) > 0.02  # jittered, not copies
+
+
+def test_diversity_is_the_mean_pairwise_rms_distance():
+    images = np.zeros((4, 3, 2, 2), np.float32)
+    images[1] += 1.0
+    images[3] += 0.5
+    # group 0: images 0, 1 (distance 1); group 1: images 2, 3 (distance 0.5); group 2: 0, 2 (identical)
+    assert learning.diversity(images, [np.array([0, 1]), np.array([2, 3])]) == pytest.approx(0.75)
+    assert learning.diversity(images, [np.array([0, 2])]) == 0.0
+    three = learning.diversity(images, [np.array([0, 1, 3])])
+    assert three == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+
+
+def test_recipes_are_today_plus_their_changes():
+    today = dict(o.split("=", 1) for o in learning.RECIPES["today"].overrides())
+    assert today == learning.TODAY
+    no_flip = dict(o.split("=", 1) for o in learning.RECIPES["no-flip"].overrides())
+    assert no_flip == {**learning.TODAY, "train.random_flip": "false"}
+    assert learning.RECIPES["new"].overrides() == []  # the config as it is
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, "bench/learning.py", "--datasets", "digits", "--recipes", "today,new", "--ae-steps", "20",
+         "--steps-scale", "0.01", "--per-prompt", "2", "--work", str(tmp_path / "work"), "--out", str(out),
+         "--grid", str(tmp_path / "grid-{dataset}.png")],
+        cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "| digits | today |" in text and "| digits | new |" in text and "(judge)" in text
+    assert (tmp_path / "grid-digits.png").is_file()
