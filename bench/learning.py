@@ -197,11 +197,9 @@ def train_recipe(recipe: Recipe, info: dict, folder: Path, steps: int, curve: li
     return json.loads(record.read_text())["train_s"] - spent, trace
 
 
-def curve_overrides(data: DataSet, judge, folder: Path, steps: int, recipe: Recipe) -> list[str]:
-    """train.eval_* for a match curve during training: the judge as TorchScript, up to 16 prompts x 4 images
-    (DDIM at the recipe's steps and scale), 5 evaluations."""
-    path = folder / "judge.pt"
-    save_joint_judge(judge, path)
+def curve_overrides(data: DataSet, path: Path, steps: int, recipe: Recipe) -> list[str]:
+    """train.eval_* for a match curve during training: the judge saved as TorchScript at `path`, up to 16 prompts
+    x 4 images (DDIM at the recipe's steps and scale), 5 evaluations."""
     prompts = data.prompts()
     shown = list(prompts)[:: max(1, len(prompts) // 16)][:16]
     return [f"train.eval_every={max(1, steps // 5)}", f"train.eval_classifier={path}",
@@ -383,11 +381,14 @@ def main() -> None:
             print(f"[{name}] {len(data.images)} images, {len(data.prompts())} prompts; judge: {judge_real:.1%} on "
                   f"held-out real images, {judge_recon:.1%} on their reconstructions; autoencoder "
                   f"{info['ae_s'] / 60:.1f} min")
+            judge_file = work / name / "judge.pt"
+            if args.curve:  # once per data set: train_ldm's eval_classifier
+                save_joint_judge(judge, judge_file)
             rows = {}
             for rname in recipes:
                 recipe = RECIPES[rname]
                 steps = max(1, round(recipe.steps * args.steps_scale))
-                curve = curve_overrides(data, judge, work / name, steps, recipe) if args.curve else []
+                curve = curve_overrides(data, judge_file, steps, recipe) if args.curve else []
                 train_s, trace = train_recipe(recipe, info, work / name, steps, curve)
                 ckpt = work / name / f"{rname}-{steps}" / "model.safetensors"
                 row = score(recipe, data, judge, ckpt, per_prompt, spread)
