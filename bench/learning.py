@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -99,21 +100,26 @@ RECIPES = {r.name: r for r in [
            {"train.random_flip": "false"}),
     Recipe("latents", "no-flip on cached latents (tools/encode_latents.py)", LATENTS, latents=True),
     Recipe("lr-1e-3", "latents with lr 1e-3", {**LATENTS, "train.lr": "1e-3"}, latents=True),
-    Recipe("lr-2e-3", "latents with lr 2e-3", {**LATENTS, "train.lr": "2e-3"}, latents=True),
     Recipe("min-snr", "latents with min-SNR-gamma 5 loss weights", {**LATENTS, "train.min_snr_gamma": "5"},
            latents=True),
     Recipe("v-pred", "latents with v-prediction", {**LATENTS, "model.diffusion.parameterization": "v"},
            latents=True),
     Recipe("batch-64", "latents with batch 64 for a quarter of the steps", {**LATENTS, "train.batch_size": "64"},
            latents=True, steps=375),
-    Recipe("ema-no-warmup", "latents with a constant EMA decay (no LitEma warm-up: the average starts at the "
-                            "random initial weights)", {**LATENTS, "train.ema_warmup": "false"}, latents=True),
-    Recipe("fp32", "latents in fp32 (auto is bf16 autocast on CPUs with native bf16)",
-           {**LATENTS, "train.precision": "fp32"}, latents=True),
     Recipe("combo", "latents with lr 1e-3 and min-SNR 5", {**LATENTS, "train.lr": "1e-3", "train.min_snr_gamma": "5"},
            latents=True),
     Recipe("new", "the new tiny recipe (configs/ldm/tiny.yaml now)", latents=True, pinned=False,
            sampler="dpmpp_2m_karras", sample_steps=20),
+    # one change on top of the new recipe each: does it still help?
+    Recipe("new-v-pred", "new with v-prediction", {"model.diffusion.parameterization": "v"}, latents=True,
+           pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
+    Recipe("new-lr-2e-3", "new with lr 2e-3", {"train.lr": "2e-3"}, latents=True, pinned=False,
+           sampler="dpmpp_2m_karras", sample_steps=20),
+    Recipe("new-no-ema-warmup", "new with a constant EMA decay 0.999 (no LitEma warm-up: the average starts at the "
+                                "random initial weights)", {"train.ema_warmup": "false"}, latents=True, pinned=False,
+           sampler="dpmpp_2m_karras", sample_steps=20),
+    Recipe("new-fp32", "new in fp32 (precision auto is bf16 autocast on this CPU, which has native bf16)",
+           {"train.precision": "fp32"}, latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
 ]}
 
 
@@ -135,18 +141,19 @@ def prepare(data: DataSet, work: Path, ae_steps: int, need_latents: bool) -> dic
     folder = work / data.name
     done = folder / "prepared.json"
     info = json.loads(done.read_text()) if done.is_file() else {}
-    if info.get("ae_steps") != ae_steps or info.get("n_images") != len(data.images):
+    fingerprint = hashlib.sha256(data.images.tobytes() + "\n".join(data.captions).encode()).hexdigest()[:16]
+    if info.get("ae_steps") != ae_steps or info.get("data") != fingerprint:
         images = folder / "images"
         images.mkdir(parents=True, exist_ok=True)
         for k, (pixels, caption) in enumerate(zip(data.images, data.captions)):
             Image.fromarray(pixels.transpose(1, 2, 0)).save(images / f"{k:05d}.png")
             (images / f"{k:05d}.txt").write_text(caption)
         shards = str(folder / "shards" / "%06d.tar")
-        tool("tools/make_shards.py", str(images), shards, "--shard-size", "1000", "--overwrite",
-             log=folder / "make_shards.log")
+        tool("tools/make_shards.py", str(images), shards, "--shard-size", "1000", "--overwrite", "--shuffle",
+             log=folder / "make_shards.log")  # the images are in class order: see make_shards' --shuffle
         n_shards = len(list((folder / "shards").glob("*.tar")))
         info = {"shards": str(folder / "shards" / f"{{000000..{n_shards - 1:06d}}}.tar"), "ae_steps": ae_steps,
-                "n_images": len(data.images)}
+                "n_images": len(data.images), "data": fingerprint}
         ae = clear(folder / "ae")
         info["ae_s"] = tool("tools/train_autoencoder.py", "--config", "configs/autoencoder/tiny.yaml", "--data",
                             info["shards"], "--out", str(ae), "--max-steps", str(ae_steps),
@@ -180,14 +187,18 @@ def train_recipe(recipe: Recipe, info: dict, folder: Path, steps: int, curve: li
     there). `curve`: train.eval_* overrides that score the judge's match at intervals (evaluation during training)."""
     out = folder / f"{recipe.name}-{steps}"
     record = out / "bench.json"
-    if not (record.is_file() and (out / "model.safetensors").is_file()):
+    # reused only if trained on these data, this autoencoder and these settings
+    made_of = {"data": info.get("data"), "ae": info["ae"], "ae_steps": info["ae_steps"],
+               "overrides": [*recipe.overrides(), *curve], "latents": recipe.latents}
+    done = record.is_file() and (out / "model.safetensors").is_file()
+    if not (done and json.loads(record.read_text()).get("made_of") == made_of):
         clear(out)
         source = ["--latents", info["latents"]] if recipe.latents else ["--data", info["shards"]]
         seconds = tool("tools/train_ldm.py", "--config", "configs/ldm/tiny.yaml", *source, "--out", str(out),
                        "--max-steps", str(steps), f"model.autoencoder_ckpt={info['ae']}", "train.sample_every=100000",
                        "train.ckpt_every=100000", "train.log_every=50", *recipe.overrides(), *curve,
                        log=folder / f"train_ldm-{recipe.name}.log")
-        record.write_text(json.dumps({"train_s": seconds}))
+        record.write_text(json.dumps({"train_s": seconds, "made_of": made_of}))
     import csv
 
     with open(out / "metrics.csv") as f:
@@ -343,10 +354,12 @@ def main() -> None:
     p.add_argument("--work", default=None, help="work folder, kept (default: a temporary one, removed)")
     p.add_argument("--grid", default="docs/learning-{dataset}.png", help="grid picture per data set ('' = none)")
     p.add_argument("--out", default=str(RESULTS), help="results file ('' = print only)")
+    p.add_argument("--section", default=None,
+                   help="its section (default: 'learning' for today,new, else 'learning ablation')")
     args = p.parse_args()
     if args.list:
         for r in RECIPES.values():
-            print(f"{r.name:10s} {r.steps:5d} steps  {r.about}")
+            print(f"{r.name:18s} {r.steps:5d} steps  {r.about}")
         return
     datasets = [d for d in args.datasets.split(",") if d]
     recipes = [r for r in args.recipes.split(",") if r]
@@ -438,7 +451,8 @@ def main() -> None:
     print(text)
     if args.out:
         # today vs new is the headline; other recipe lists (one change at a time) are the ablation's section
-        write_section("learning" if set(recipes) <= {"today", "new"} else "learning ablation", text, args.out)
+        section = args.section or ("learning" if set(recipes) <= {"today", "new"} else "learning ablation")
+        write_section(section, text, args.out)
 
 
 if __name__ == "__main__":

@@ -155,21 +155,24 @@ class LatentDiffusion(nn.Module):
                                timestep_spacing=timestep_spacing or self.config.timestep_spacing,
                                start_step=start_step, end_step=end_step)
 
-    def encode_images(self, images: torch.Tensor, *, sample: bool = True,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None,
+                      eps: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> diffusion latents `z = scale_factor * posterior.sample()` (LDM sec. 3)."""
         posterior = self.autoencoder.encode(images)
         if not sample:
             return self.scale_factor * posterior.mode()
-        return self.latents_from_posterior(posterior.mean, posterior.std, generator=generator)
+        return self.latents_from_posterior(posterior.mean, posterior.std, generator=generator, eps=eps)
 
     def latents_from_posterior(self, mean: torch.Tensor, std: torch.Tensor, *,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Diffusion latents from the moments of q(z | x): `scale_factor * (mean + std * eps)`, eps ~ N(0, I).
+                               generator: torch.Generator | None = None,
+                               eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion latents from the moments of q(z | x): `scale_factor * (mean + std * eps)`, eps ~ N(0, I)
+        (drawn from `generator`, or given).
 
         `encode_images` and training on cached moments (`tools/encode_latents.py`) both sample here.
         """
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.scale_factor * (mean + std * eps)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def test_prepare_emoji_writes_captioned_shards(tmp_path):
     out = tmp_path / "shards"
     result = subprocess.run([sys.executable, "tools/prepare_emoji.py", "--meta", str(tmp_path / "meta.tgz"), "--art",
                              str(tmp_path / "twitter.tgz"), "--out", str(out / "%06d.tar"), "--size", "32",
-                             "--style-suffix"], capture_output=True, text=True, cwd=REPO, timeout=300)
+                             "--style-suffix", "--no-shuffle"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     samples = list(wds.WebDataset(str(out / "000000.tar"), shardshuffle=False))
     captions = [s["txt"].decode() for s in samples]
@@ -112,7 +112,7 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
                                     "package/img/twitter/64/1f1ef-1f1f5.png": b"not a png at all",
                                     "package/img/twitter/64/1f385.png": truncated,
                                     "package/img/twitter/64/1f385-1f3ff.png": _png((90, 50, 20, 255))})
-    result = _prepare(tmp_path, tmp_path / "meta.tgz", tmp_path / "twitter.tgz")
+    result = _prepare(tmp_path, tmp_path / "meta.tgz", tmp_path / "twitter.tgz", "--no-shuffle")
     assert result.returncode == 0, result.stderr
     assert "skipped 2 images that could not be decoded, e.g. twitter/1f385.png" in result.stdout  # sort order
     summary = json.loads((tmp_path / "shards" / "summary.json").read_text())
@@ -142,3 +142,35 @@ def test_broken_packages_give_one_line_errors(tmp_path):
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert run.returncode == 2 and "Traceback" not in stderr, stderr
         assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), stderr
+
+
+def test_shards_are_written_in_a_seeded_random_order_across_art_sets(tmp_path):
+    """By default the images of both art sets are interleaved in a seeded random order (a training shuffle buffer
+    reads shards front to back: sorted shards give batches of one category); --no-shuffle keeps the sort order."""
+    _tgz(tmp_path / "meta.tgz", {"package/emoji.json": json.dumps(ENTRIES).encode()})
+    names = ["1f34e.png", "1f1ef-1f1f5.png", "1f385.png", "1f385-1f3ff.png"]
+    for style in ("twitter", "google"):
+        _tgz(tmp_path / f"{style}.tgz", {f"package/img/{style}/64/{n}": _png((20 * k, 0, 0, 255))
+                                         for k, n in enumerate(names)})
+
+    def keys(name, *extra):
+        out = tmp_path / name
+        result = subprocess.run([sys.executable, "tools/prepare_emoji.py", "--meta", str(tmp_path / "meta.tgz"),
+                                 "--art", str(tmp_path / "twitter.tgz"), str(tmp_path / "google.tgz"), "--out",
+                                 str(out / "%06d.tar"), "--size", "16", "--shard-size", "3", *extra],
+                                capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return [s["__key__"] for f in sorted(out.glob("0*.tar")) for s in wds.WebDataset(str(f), shardshuffle=False)]
+
+    stems = ["1f385", "1f385-1f3ff", "1f34e", "1f1ef-1f1f5"]  # sort_order, skin tone after its emoji
+    in_order = [f"{style}_{stem}" for style in ("twitter", "google") for stem in stems]
+    assert keys("sorted", "--no-shuffle") == in_order
+    import random
+    jobs = [f"{style}_{stem}" for style in ("twitter", "google") for stem in [*stems, "ffff"]]  # ffff: not in the art
+    random.Random(0).shuffle(jobs)
+    expected = [key for key in jobs if not key.endswith("ffff")]
+    shuffled = keys("shuffled")
+    assert shuffled == expected != in_order
+    assert keys("again") == shuffled  # the same order every run
+    other = keys("seed-1", "--seed", "1")
+    assert sorted(other) == sorted(in_order) and other != shuffled

@@ -132,6 +132,34 @@ def test_output_is_deterministic(source: Path, packed, tmp_path: Path, monkeypat
     assert [{**summary, "pattern": None} for summary in summaries] == [{**summaries[0], "pattern": None}] * 2
 
 
+def test_shuffle_writes_a_seeded_permutation(source: Path, packed, tmp_path: Path, monkeypatch) -> None:
+    """--shuffle: the same samples in a seeded random order (keys renumbered in the new order), reproducible."""
+    import random
+
+    out, _ = packed
+    sorted_samples = {**read_shard(out / "000000.tar"), **read_shard(out / "000001.tar")}
+    by_source = {json.loads(s["json"])["source"]: s for s in sorted_samples.values()}
+
+    def pack(name, *extra):
+        folder = tmp_path / name
+        assert run_in_process(source, folder / "%06d.tar", "--shard-size", "4", "--shuffle", *extra,
+                              monkeypatch=monkeypatch) == 0
+        return {**read_shard(folder / "000000.tar"), **read_shard(folder / "000001.tar")}
+
+    shuffled = pack("a")
+    assert list(shuffled) == [f"{i:08d}" for i in range(6)]
+    sources = [json.loads(s["json"])["source"] for s in shuffled.values()]
+    # the inputs (broken.png and the uncaptioned img_0005.png among them) are shuffled before packing
+    inputs = sorted(["broken.png", *CAPTIONS, "img_0005.png"])
+    random.Random(0).shuffle(inputs)
+    assert sources == [s for s in inputs if s in CAPTIONS] != list(CAPTIONS)
+    for sample in shuffled.values():
+        original = by_source[json.loads(sample["json"])["source"]]
+        assert {k: v for k, v in sample.items() if k != "json"} == {k: v for k, v in original.items() if k != "json"}
+    assert pack("b") == shuffled
+    assert [json.loads(s["json"])["source"] for s in pack("c", "--seed", "1").values()] != sources
+
+
 def test_csv_listing_with_resize_and_center_crop(source: Path, tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "one.png").write_bytes((source / "img_0001.png").read_bytes())
@@ -395,7 +423,7 @@ def test_latent_shards_are_read_only_by_the_autoencoder_that_made_them(tmp_path:
 
 def test_latent_shards_without_a_record_are_refused_with_the_re_encoding_command(tmp_path: Path) -> None:
     urls = _latent_shard(tmp_path / "old.tar", None)
-    with pytest.raises(InputError, match=r"latent sample .*old.tar:k0 does not record the autoencoder that made it "
+    with pytest.raises(InputError, match=r"latent sample .*old.tar:k\d does not record the autoencoder that made it "
                                          r"\(no autoencoder.json: an older tools/encode_latents.py wrote it\); "
                                          r"re-encode the image shards: python tools/encode_latents.py --config CONFIG "
                                          r"--data IMAGE_SHARDS --out 'latents/%06d.tar' model.autoencoder_ckpt="):

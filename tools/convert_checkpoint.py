@@ -5,6 +5,7 @@
     python tools/convert_checkpoint.py model.ckpt model.safetensors --config v2-inference-v.yaml --half
     python tools/convert_checkpoint.py sd15.safetensors sd15-original.ckpt --to original     # ours -> original
     python tools/convert_checkpoint.py sd15.safetensors sd15-diffusers --to diffusers         # -> a diffusers folder
+    python tools/convert_checkpoint.py runs/x/checkpoints/step_00000004 model.safetensors   # a training checkpoint
 
 Ours: one .safetensors with the config in its metadata (loads with no config file). Original: a
 .ckpt ({"state_dict": ...}) or .safetensors with the original key names and schedule buffers, plus
@@ -12,10 +13,14 @@ the original-style YAML written beside it (OUTPUT with .yaml). Each file is writ
 disk nothing is left half-written (nor a checkpoint without its YAML) and the input is never touched.
 diffusers: a folder (model_index.json, unet/, vae/, text_encoder/, ...) that diffusers' from_pretrained loads,
 written into a temporary folder and renamed; INPUT may also be a diffusers folder.
+A training checkpoint folder (tools/train_ldm.py's checkpoints/step_*, sharded by train.fsdp or not) gives its
+EMA weights (--no-ema: the raw ones) with the rest of the model; a sharded one is gathered here, in one process
+(its dcp/.metadata is a pickle, as PyTorch writes it: convert only training checkpoints you trust).
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +33,8 @@ from ldm.cli import HelpFormatter, check_output_file, run_cli
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("input", metavar="INPUT",
-                   help="checkpoint to read (.safetensors or .ckpt, ours or original, or a diffusers folder)")
+                   help="checkpoint to read (.safetensors or .ckpt, ours or original, a diffusers folder, or a "
+                        "training checkpoint folder, checkpoints/step_*)")
     p.add_argument("output", metavar="OUTPUT",
                    help="file to write (.safetensors or .ckpt; a new folder for --to diffusers)")
     p.add_argument("--to", choices=("ours", "original", "diffusers"), default="ours", help="format to write")
@@ -55,7 +61,7 @@ def main() -> None:
     if args.to == "ours" and output.suffix != ".safetensors":
         raise ldm.InputError("our format is .safetensors; name the output *.safetensors")
     start = time.perf_counter()
-    model = ldm.load_model(args.input, config=args.config, parameterization=args.parameterization, ema=not args.no_ema)
+    model = load_input(args)
     if args.half:
         model.half()  # the schedule stays float32 (LatentDiffusion._apply)
     if args.to == "ours":
@@ -75,6 +81,22 @@ def main() -> None:
     dtype = next(model.parameters()).dtype
     print(f"wrote {output} ({args.to} format, {n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}) "
           f"in {time.perf_counter() - start:.1f} s")
+
+
+def load_input(args: argparse.Namespace) -> ldm.LatentDiffusion:
+    """INPUT as a model; a training checkpoint folder through a temporary file of our format beside OUTPUT."""
+    from common.checkpoint import save_checkpoint
+    from ldm.training.sharded import is_training_checkpoint, read_training_checkpoint
+
+    if not is_training_checkpoint(args.input):
+        return ldm.load_model(args.input, config=args.config, parameterization=args.parameterization,
+                              ema=not args.no_ema)
+    tensors, metadata = read_training_checkpoint(args.input, ema=not args.no_ema)
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=Path(args.output).resolve().parent) as tmp:
+        save_checkpoint(Path(tmp) / "model.safetensors", tensors, metadata)
+        del tensors
+        return ldm.load_model(Path(tmp) / "model.safetensors", config=args.config,
+                              parameterization=args.parameterization)
 
 
 if __name__ == "__main__":

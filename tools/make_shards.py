@@ -4,11 +4,15 @@
     python tools/make_shards.py photos/ 'shards/%06d.tar'                       # cat.png + cat.txt, ...
     python tools/make_shards.py captions.csv 'shards/%06d.tar' --resize 512 --center-crop
     python tools/make_shards.py captions.jsonl 'shards/%06d.tar' --shard-size 5000 --max-shard-bytes 1e9
+    python tools/make_shards.py photos/ 'shards/%06d.tar' --shuffle                   # for training: mixed order
 
 SRC is a folder (images found recursively, in sorted order, each captioned by the same-stem .txt beside
 it), a .csv listing with a header naming `path` and `caption` columns, or a .jsonl listing of
 {"path": ..., "caption": ...} lines (listings are read in their own order; relative paths resolve against
-the listing's folder). An empty caption counts as missing.
+the listing's folder). An empty caption counts as missing. `--shuffle` writes the inputs in a seeded random
+order instead (`--seed`): a training stream reads each shard front to back through a shuffle buffer much
+smaller than the data, so shards of sorted inputs (a folder per class, a listing sorted by topic) give
+batches of one class; bench/learning.py measured shapes sorted by class unlearnable that way.
 
 Each sample is KEY.jpg or KEY.png, KEY.txt (the caption) and KEY.json ({"source", "original_size" [w, h],
 "size" [w, h], "caption"}), KEY being the 8-digit sample number. Without --resize / --center-crop, JPEG
@@ -31,6 +35,7 @@ import csv
 import io
 import json
 import os
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -293,6 +298,9 @@ def main() -> None:
     p.add_argument("--allow-empty-captions", action="store_true",
                    help='pack images without a caption with caption "" instead of skipping them')
     p.add_argument("--overwrite", action="store_true", help="delete shards already matching OUT_PATTERN first")
+    p.add_argument("--shuffle", action="store_true",
+                   help="write the inputs in a seeded random order, not in their own (recommended for training)")
+    p.add_argument("--seed", type=int, default=0, help="the --shuffle order's seed (default: 0)")
     args = p.parse_args()
     for flag, value, low, high in [("--shard-size", args.shard_size, 1, None), ("--resize", args.resize, 1, None),
                                    ("--max-shard-bytes", args.max_shard_bytes, 1, None),
@@ -308,6 +316,8 @@ def main() -> None:
 
     shard_folder(args.pattern)  # a bad output location fails now, not after reading every input
     items = read_items(Path(args.src))
+    if args.shuffle:
+        random.Random(args.seed).shuffle(items)
     out_dir = prepare_output(args.pattern, overwrite=args.overwrite)
 
     skipped: Counter[str] = Counter({reason: 0 for reason in SKIP_REASONS})

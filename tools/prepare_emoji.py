@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import random
 import subprocess
 import tarfile
 import zlib
@@ -142,6 +143,10 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants")
     p.add_argument("--style-suffix", action="store_true", help="append ' in <set> style' to each caption")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="write in emoji-datasource's sort order, one art set after the other (default: a seeded "
+                        "random order, so a training shuffle buffer sees every category)")
+    p.add_argument("--seed", type=int, default=0, help="the order's seed (default: 0)")
     p.add_argument("--held-out", type=float, default=0.0,
                    help="fraction of the images written instead to held-out shards (OUT's folder, "
                         "held-out-%%06d.tar), chosen by a hash of the key, e.g. 0.01 for the autoencoder's PSNR/SSIM")
@@ -176,39 +181,46 @@ def main() -> None:
     undecodable, first_undecodable = 0, ""
     held_pattern = str(out_dir / "held-out-%06d.tar")
     jobs = jobs_of(entries, skin_tones=not args.no_skin_tones)
+    images = {}
+    for art, style in arts:
+        sets.append(style)
+        images[style] = art_images(Path(art), style)
+    work = [(style, *job) for style in sets for job in jobs]
+    if not args.no_shuffle:
+        # Shards are written in a seeded random order: a training stream reads a shard front to back through a
+        # shuffle buffer far smaller than the data, so sorted shards (faces, then flags; one art set, then the
+        # other) would give batches of one category (the webdataset convention: shuffle before writing).
+        random.Random(args.seed).shuffle(work)
     with wds.ShardWriter(args.out, maxcount=args.shard_size, verbose=0) as sink, \
             wds.ShardWriter(held_pattern, maxcount=args.shard_size, verbose=0) as held_sink:
-        for art, style in arts:
-            sets.append(style)
-            images = art_images(Path(art), style)
-            for image_name, caption, entry, skin in tqdm(jobs, desc=f"{style} emoji", unit="img"):
-                data = images.get(image_name)
-                if data is None:
-                    missing += 1
-                    continue
-                try:
-                    image = to_rgb(open_image(io.BytesIO(data)))  # transparency composited on white
-                except Exception as exc:  # PIL raises many types on bad data: skip the image, count it
-                    undecodable += 1
-                    reason = "not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError) \
-                        else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-                    first_undecodable = first_undecodable or f"{style}/{image_name} ({reason})"
-                    continue
-                if image.size != (args.size, args.size):
-                    image = image.resize((args.size, args.size), Image.LANCZOS)
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                text = f"{caption} in {style} style" if args.style_suffix else caption
-                key = f"{style}_{Path(image_name).stem}".replace(".", "_")
-                held_out = is_held_out(key, args.held_out)
-                held += held_out
-                (held_sink if held_out else sink).write({"__key__": key, "png": buffer.getvalue(), "txt": text,
-                            "json": json.dumps({"caption": text, "name": entry["name"],
-                                                "short_names": entry.get("short_names"),
-                                                "category": entry.get("category"),
-                                                "subcategory": entry.get("subcategory"), "skin_tone": skin,
-                                                "set": style, "license": LICENSES.get(style, "see package")})})
-                written += not held_out
+        for style, image_name, caption, entry, skin in tqdm(work, desc="emoji", unit="img"):
+            data = images[style].get(image_name)
+            if data is None:
+                missing += 1
+                continue
+            try:
+                image = to_rgb(open_image(io.BytesIO(data)))  # transparency composited on white
+            except Exception as exc:  # PIL raises many types on bad data: skip the image, count it
+                undecodable += 1
+                reason = "not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError) \
+                    else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                first_undecodable = first_undecodable or f"{style}/{image_name} ({reason})"
+                continue
+            if image.size != (args.size, args.size):
+                image = image.resize((args.size, args.size), Image.LANCZOS)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            text = f"{caption} in {style} style" if args.style_suffix else caption
+            key = f"{style}_{Path(image_name).stem}".replace(".", "_")
+            held_out = is_held_out(key, args.held_out)
+            held += held_out
+            (held_sink if held_out else sink).write({"__key__": key, "png": buffer.getvalue(), "txt": text,
+                        "json": json.dumps({"caption": text, "name": entry["name"],
+                                            "short_names": entry.get("short_names"),
+                                            "category": entry.get("category"),
+                                            "subcategory": entry.get("subcategory"), "skin_tone": skin,
+                                            "set": style, "license": LICENSES.get(style, "see package")})})
+            written += not held_out
     if not held:
         for empty in out_dir.glob("held-out-*.tar"):
             empty.unlink()

@@ -3,6 +3,7 @@
 
     python tools/train_ldm.py --config configs/ldm/tiny.yaml --data 'shards/{000000..000009}.tar' --out runs/ldm
     torchrun --nproc_per_node 2 tools/train_ldm.py --config ... --data ... --out runs/ldm        # DDP (gloo on CPU)
+    torchrun --nproc_per_node 2 tools/train_ldm.py ... train.fsdp=true     # sharded (FSDP2; ldm/training/sharded.py)
     python tools/train_ldm.py ... --resume                       # continue from the newest complete checkpoint
     python tools/train_ldm.py ... --latents 'latents/{000000..000009}.tar'   # precomputed latents (encode_latents.py)
     python tools/train_ldm.py --config configs/ldm/tiny-sdxl.yaml ... train.buckets=true   # SDXL layout, buckets
@@ -26,7 +27,7 @@ With --lora-rank the model (--init PATH, or the config's) stays frozen and only 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # torch, the model stack, webdataset and tensorboard load in 
     from ldm.model import LatentDiffusion
     from ldm.training.distributed import Dist
     from ldm.training.ema import EMA
+    from ldm.training.noise import Draws
     from ldm.training.trainable import Trainable
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +60,23 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    try:
+        train(args)
+    except RuntimeError as exc:  # under torchrun: another rank gone (a dead node or worker) or stuck
+        from ldm.training.checkpoints import latest_checkpoint
+        from ldm.training.distributed import lost_peer
+
+        if not lost_peer(exc, int(os.environ.get("WORLD_SIZE", "1"))):
+            raise
+        newest = latest_checkpoint(Path(args.out) / "checkpoints")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"rank {os.environ.get('RANK', '0')}: lost contact with another rank ({reason}): a node or "
+                         f"worker died or stopped answering; the newest complete checkpoint is "
+                         f"{newest or 'none yet'}: relaunch the same command with --resume (torchrun "
+                         f"--max-restarts N relaunches by itself)") from None
+
+
+def train(args: argparse.Namespace) -> None:
     if (args.data is None) == (args.latents is None):
         raise InputError("give --data (image-caption shards) or --latents (precomputed latent shards)")
     check_lora_arguments(args)
@@ -79,11 +98,20 @@ def main() -> None:
         export_ema,
         restore_training_checkpoint,
         save_training_checkpoint,
+        saved_resume,
     )
     from ldm.training.conditioning import conditioned_model_fn
-    from ldm.training.distributed import cleanup_distributed, setup_distributed
+    from ldm.training.distributed import (
+        cleanup_distributed,
+        gather_per_rank,
+        gradient_sync,
+        restore_rng,
+        rng_state,
+        setup_distributed,
+    )
     from ldm.training.ema import EMA
     from ldm.training.evaluation import PromptAdherence
+    from ldm.training.sharded import ema_weights, restore_sharded_checkpoint, save_sharded_checkpoint
     from ldm.training.trainable import Trainable
 
     world = setup_distributed(args.device)
@@ -99,28 +127,35 @@ def main() -> None:
             if args.lora_rank else None)  # the model frozen, adapters on it
     train_text = args.lora_text_encoder if lora else bool(getattr(model.text_encoder, "trainable", False))
     trainable = Trainable(model.denoiser, model.text_encoder if train_text else None).to(world.device)
-    ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start, warmup=cfg.ema_warmup)  # on the device
-    net = parallel(trainable, cfg, world)
+    net = parallel(trainable, cfg, world, lora=lora is not None)
+    ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start, warmup=cfg.ema_warmup)  # FSDP: of shards
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, world.device)
     scaler, autocast = mixed_precision(cfg.precision, world.device)
-    step = 0
+    step, resume = 0, {}
     if resume_from is not None:
-        step = restore_training_checkpoint(resume_from, trainable, ema, optimizer, scaler)
-    torch.manual_seed(cfg.seed + 7919 * world.rank + step)
+        restore = restore_sharded_checkpoint if cfg.fsdp else restore_training_checkpoint
+        step = restore(resume_from, trainable, ema, optimizer, scaler)
+        resume = saved_resume(resume_from)  # per rank: the data position and the RNG state
+    torch.manual_seed(cfg.seed + 7919 * world.rank + step)  # fresh runs, and resumes on another number of ranks
     # Cached latents must come from this model's autoencoder: each sample's autoencoder.json says which made it.
     autoencoder = autoencoder_record(model, raw.get("model") or {}) if args.latents else None
     buckets = training_buckets(model, cfg)
     if cfg.buckets and world.is_main:
         print(f"{len(buckets)} aspect-ratio buckets (h x w): {', '.join(f'{h}x{w}' for h, w in buckets)}")
+    positions = resume.get("data") or []  # rank r's; on another world size the data stream says so and reseeds
     dataset, data = training_batches(data=args.data, latents=args.latents, cfg=cfg, rank=world.rank, step=step,
                                      buckets=buckets, autoencoder=autoencoder,
+                                     resume_state=positions[min(world.rank, len(positions) - 1)] if positions else None,
                                      uncond=unconditional_for_cache(model, latents=bool(args.latents),
                                                                     train_text=train_text))
     schedule = model.schedule
     record = RunRecord(out, raw, cfg, world, step, describe_run(step, resume_from, params, train_text, cfg, world))
     if evaluator is not None:
         print(f"{evaluator.describe()}, every {cfg.eval_every} steps")
+    rngs = resume.get("rng") or []
+    if len(rngs) == world.world_size:  # t and noise go on as in the uninterrupted run (after all setup)
+        restore_rng(rngs[world.rank], world.device)
 
     while step < cfg.max_steps:
         for group in optimizer.param_groups:
@@ -128,18 +163,18 @@ def main() -> None:
         losses, timesteps, keys = [], [], []
         for micro in range(cfg.grad_accum):
             batch = next(data)
-            # 1. Latents: z = scale_factor * a sample of q(z|x) (encoded now, or from cached mean/std).
-            latents = latents_of(model, batch, world.device)
+            # 1. Latents: z = scale_factor * a sample of q(z|x) (encoded now, or from cached mean/std); with
+            #    train.per_sample_noise that sample, t and the noise come from the sample's own generator.
+            latents, draws = latents_of(model, batch, world.device, cfg=cfg, step=step)
             # 2. Text: the denoiser conditioned on the captions (SDXL: and the sizes), as the loss's model_fn(x_t, t).
             model_fn = conditioned_model_fn(net, model, batch, train_text=train_text, device=world.device)
             # 3. t, noise -> x_t -> the loss (DDPM "simple" objective, per sample) and its gradient; DDP
-            #    all-reduces the gradients of the last micro-batch only.
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or world.world_size == 1 else net.no_sync()
-            with sync, autocast():
+            #    all-reduces (FSDP reduce-scatters) the gradients of the last micro-batch only.
+            with gradient_sync(net, sync=micro == cfg.grad_accum - 1), autocast():
                 loss, t = diffusion.diffusion_loss(model_fn, latents, schedule, parameterization=model.parameterization,
                                                    loss_type=cfg.loss_type, min_snr_gamma=cfg.min_snr_gamma,
-                                                   offset_noise=cfg.offset_noise)
+                                                   offset_noise=cfg.offset_noise, t=draws and draws.t,
+                                                   noise=draws and draws.noise)
                 scaler.scale(loss.mean() / cfg.grad_accum).backward()
             losses.append(loss.detach())
             timesteps.append(t)
@@ -158,22 +193,29 @@ def main() -> None:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             record.metrics(step, torch.cat(losses), torch.cat(timesteps), grad_norm, schedule.num_timesteps,
                            skipped=dataset.skipped)
-        if world.is_main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            record.samples(step, sample_images(model, trainable, ema, cfg))
-        if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            record.evaluation(step, evaluator.evaluate(model, trainable, ema))  # rank 0 only; no collectives
+        sample_now = step % cfg.sample_every == 0 or step == cfg.max_steps
+        eval_now = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+        if sample_now or eval_now:  # rank 0 (FSDP: the EMA weights gathered there first, a collective)
+            with ema_weights(model, trainable, ema, is_main=world.is_main) as parts:
+                if parts and sample_now:
+                    record.samples(step, sample_images(*parts, cfg))
+                if parts and eval_now:
+                    record.evaluation(step, evaluator.evaluate(*parts))  # no collectives
         if lora and world.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             save_kohya(out / "lora.safetensors", lora)
         elif not lora and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-            save_training_checkpoint(ckpt_root, step, model, net, ema, optimizer, scaler, keep=cfg.keep_checkpoints,
-                                     is_main=world.is_main)
+            resume = {"data": gather_per_rank(data.state(), world), "rng": gather_per_rank(rng_state(world.device), world)}
+            save = save_sharded_checkpoint if cfg.fsdp else save_training_checkpoint
+            save(ckpt_root, step, model, net, ema, optimizer, scaler, keep=cfg.keep_checkpoints, is_main=world.is_main,
+                 resume=resume)
     record.close()
     if world.is_main and lora:
         print(f"done: {step} steps; LoRA (rank {lora.rank}, alpha {lora.alpha:g}) in {out / 'lora.safetensors'}")
-    elif world.is_main:
-        export_ema(out / "model.safetensors", model, ema)
-        print(f"done: {step} steps; EMA weights in {out / 'model.safetensors'} "
-              f"(python tools/txt2img.py --ckpt {out / 'model.safetensors'} --prompt ...)")
+    elif not lora:
+        export_ema(out / "model.safetensors", model, ema, is_main=world.is_main)  # FSDP: gathered, a collective
+        if world.is_main:
+            print(f"done: {step} steps; EMA weights in {out / 'model.safetensors'} "
+                  f"(python tools/txt2img.py --ckpt {out / 'model.safetensors'} --prompt ...)")
     cleanup_distributed()
 
 
@@ -202,15 +244,17 @@ def build_model(raw: dict, cfg: TrainConfig, device: torch.device, init: str | N
     return model.to(device)
 
 
-def parallel(trainable: Trainable, cfg: TrainConfig, world: Dist) -> nn.Module:
-    """The trained module as the ranks run it: sharded (train.fsdp, CUDA), DDP (several processes), or as is."""
+def parallel(trainable: Trainable, cfg: TrainConfig, world: Dist, *, lora: bool = False) -> nn.Module:
+    """The trained module as the ranks run it: sharded (train.fsdp: FSDP2 `fully_shard`, CPU or CUDA, any number
+    of processes; ldm/training/sharded.py), DDP (several processes), or as is."""
     from torch.nn.parallel import DistributedDataParallel
 
     if cfg.fsdp:
-        if world.device.type != "cuda":
-            raise InputError("train.fsdp needs CUDA GPUs; use DDP (the default) on the CPU")
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        return FullyShardedDataParallel(trainable, device_id=world.device)
+        if lora:
+            raise InputError("train.fsdp shards a fully trained model; LoRA (--lora-rank) trains small adapters on a "
+                             "frozen one, which DDP handles: drop train.fsdp=true")
+        from ldm.training.sharded import shard_trainable
+        return shard_trainable(trainable, world)  # in place: `trainable` is the sharded module
     if world.world_size > 1:
         return DistributedDataParallel(trainable, device_ids=[world.device.index] if world.device.type == "cuda"
                                        else None)
@@ -220,8 +264,9 @@ def parallel(trainable: Trainable, cfg: TrainConfig, world: Dist) -> nn.Module:
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     import torch
 
-    # The fused kernel: one pass over all parameters (CPU: 4.7x faster than the default for 20M parameters).
-    fused = device.type in ("cpu", "cuda") and not cfg.fsdp
+    # The fused kernel: one pass over all parameters (CPU: 4.7x faster than the default for 20M parameters); it
+    # takes FSDP2's DTensor shards too (each rank steps its own shard).
+    fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused)
 
 
@@ -251,14 +296,26 @@ def describe_run(step: int, resume_from: Path | None, params: list[nn.Parameter]
 
 # One training step's inputs.
 
-def latents_of(model: LatentDiffusion, batch: dict, device: torch.device) -> torch.Tensor:
-    """The batch's diffusion latents: its images encoded now, or a sample of its cached posterior (mean, std)."""
+def latents_of(model: LatentDiffusion, batch: dict, device: torch.device, *, cfg: TrainConfig,
+               step: int) -> tuple[torch.Tensor, Draws | None]:
+    """The batch's diffusion latents (its images encoded now, or a sample of its cached posterior (mean, std)), and
+    with train.per_sample_noise each sample's draws (ldm/training/noise.py), its posterior sample among them."""
     import torch
+
+    from ldm.training.noise import per_sample_draws
 
     with torch.no_grad():
         if "image" in batch:
-            return model.encode_images(batch["image"].to(device))
-        return model.latents_from_posterior(batch["mean"].to(device).float(), batch["std"].to(device).float())
+            posterior = model.autoencoder.encode(batch["image"].to(device))
+            mean, std = posterior.mean, posterior.std
+        else:
+            mean, std = batch["mean"].to(device).float(), batch["std"].to(device).float()
+        draws = None
+        if cfg.per_sample_noise:
+            draws = per_sample_draws(batch["key"], seed=cfg.seed, step=step, shape=tuple(mean.shape[1:]),
+                                     num_timesteps=model.schedule.num_timesteps, offset_noise=cfg.offset_noise,
+                                     device=device, dtype=mean.dtype)
+        return model.latents_from_posterior(mean, std, eps=draws and draws.posterior_eps), draws
 
 
 # Now and then.
@@ -303,7 +360,8 @@ class RunRecord:
         self.seen += len(keys) * self.world.world_size
         self.bar.update(1)
         if self.key_log is not None:
-            checksum = sum(p.detach().double().abs().sum().item() for p in params)
+            from ldm.training.distributed import weight_checksum
+            checksum = weight_checksum(params)  # FSDP: of the whole weights (a collective)
             self.key_log.write(f"{step}\t{','.join(keys)}\t{checksum:.12e}\n")
             self.key_log.flush()
 

@@ -12,8 +12,9 @@ resized image's pixels; of the flipped image when the sample was flipped, as koh
 
 `BucketBatches` turns such a stream into batches of one bucket each: one buffer per bucket, a batch when a
 buffer is full. A finite pass (train.resampled: false, tools/encode_latents.py) ends with the partial
-buffers given as smaller batches, in the order their buckets were first met, so every sample of a pass is
-seen once; an endless stream has no end, and partial buffers simply wait for more samples.
+buffers given as smaller batches, the one with the oldest waiting sample first, so every sample of a pass is
+seen once. Training batches them with `ldm.data.position.PositionedBatches` (the same batching, tagged with
+positions to resume from), which also empties the partial buffers at each epoch's end of an endless stream.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from common.errors import InputError
+from ldm.data.position import positioned_batches
 from ldm.images import to_rgb
 
 Bucket = tuple[int, int]  # (height, width) in pixels
@@ -91,7 +93,7 @@ def fit_to_bucket(image: Image.Image, bucket: Bucket, *, random_crop: bool, rng:
 class BucketTransform:
     """PIL image -> {"image": float32 (3, h, w) in [-1, 1], "target_size": (h, w), "crop": (top, left)} for the
     nearest of `buckets`; RGB with transparency on white, as `ldm.data.image_transform`. Random crops and flips
-    draw from the `rng` given per call (the stream's, seeded per pass)."""
+    draw from the `rng` given per call (the sample's own: `ldm.data.images.ShardStream.positioned`)."""
 
     def __init__(self, buckets: Sequence[Bucket], *, random_crop: bool, random_flip: bool):
         if not buckets:
@@ -150,17 +152,10 @@ def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def bucket_batches(items: Iterable[dict[str, Any]], batch_size: int, *, shape_of: str,
                    collate: Callable[[list[dict[str, Any]]], Any]) -> Iterator[Any]:
     """Batches of `batch_size` items with the same shape of `item[shape_of]`: one buffer per shape, a batch
-    each time one fills; when `items` ends, the partial buffers as smaller batches (first-met order)."""
-    buffers: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-    for item in items:
-        buffer = buffers.setdefault(tuple(item[shape_of].shape), [])
-        buffer.append(item)
-        if len(buffer) == batch_size:
-            yield collate(buffer)
-            buffer.clear()
-    for buffer in buffers.values():
-        if buffer:
-            yield collate(buffer)
+    each time one fills; when `items` ends, the partial buffers as smaller batches, oldest waiting item first
+    (`ldm.data.position.positioned_batches`, without the positions)."""
+    events = ((0, index, item) for index, item in enumerate(items))
+    return (batch for batch, _, _ in positioned_batches(events, batch_size, shape_of=shape_of, collate=collate))
 
 
 class BucketBatches(IterableDataset):

@@ -10,9 +10,10 @@ images went through buckets, KEY.micro.json ({"original_size": [h, w], "crop": [
 [h, w], "aesthetic_score": number or null}: the sizes SDXL conditions on, in sgm's order).
 
 Caption dropout makes classifier-free guidance possible (Ho & Salimans 2022, "Classifier-Free Diffusion
-Guidance", Algorithm 1): with probability p a caption becomes "". The coin is a generator seeded by (seed,
-rank, worker, epoch), so the same run drops the same captions. Shuffling, node/worker splitting and the
-skipping and counting of broken shards and samples are `ldm.data.ShardStream`'s.
+Guidance", Algorithm 1): with probability p a caption becomes "". The coin, like the crop and flip, is the
+sample's own generator, seeded by (seed, rank, worker, epoch, index), so the same run drops the same captions,
+also when resumed mid-epoch. Epochs, shuffling, node/worker splitting and the skipping and counting of broken
+shards and samples are `ldm.data.images.ShardStream`'s.
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ import io
 import json
 import random
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from common.errors import InputError
 from ldm.data.buckets import (
@@ -62,14 +62,7 @@ class _CaptionedShards(ShardStream):
         if not 0.0 <= caption_dropout <= 1.0:
             raise InputError(f"caption dropout is a probability between 0 and 1, got {caption_dropout}")
         self.caption_dropout = caption_dropout
-        self._epoch = -1  # one per pass over the pipeline, like webdataset's own shuffles
         super().__init__(urls, shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
-
-    def _dropout_rng(self) -> random.Random:
-        """A new coin for this pass, seeded by (seed, rank, worker, epoch): ranks and workers drop independently."""
-        self._epoch += 1
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        return random.Random(wds.utils.make_seed(self.seed, rank, worker, self._epoch))
 
     def _caption(self, sample: dict[str, Any]) -> str | None:
         """The sample's caption, or None, recorded in the skip report."""
@@ -90,8 +83,9 @@ class WebDatasetCaptions(_CaptionedShards):
     With `buckets` ((height, width) pairs, `ldm.data.buckets.make_buckets`; one square bucket gives square
     crops) each image goes to the nearest bucket instead (`BucketTransform`: (3, h, w)) and the sample also
     holds SDXL's micro-conditioning: "original_size" (h, w), "crop" (top, left), "target_size" (h, w) and
-    "aesthetic_score" (KEY.json's, or None). Its crops and flips draw from a generator seeded by (seed, rank,
-    worker, epoch), so a stream is the same on every run. Batch it with `ldm.data.buckets.BucketBatches`."""
+    "aesthetic_score" (KEY.json's, or None). Crops, flips and the caption coin draw from the sample's own
+    generator (`ShardStream.positioned`), so a stream is the same on every run. Batch it with
+    `ldm.data.position.PositionedBatches` (shape_of="image" for buckets)."""
 
     sample_needs = "an image (.jpg, .jpeg, .png or .webp) and a caption (.txt, or .json with a 'caption')"
 
@@ -114,22 +108,18 @@ class WebDatasetCaptions(_CaptionedShards):
         super().__init__(urls, caption_dropout=caption_dropout, shuffle_buffer=shuffle_buffer, resampled=resampled,
                          seed=seed)
 
-    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        coin = self._dropout_rng()
-        crops = random.Random(coin.getrandbits(64)) if self.bucket_transform is not None else None
-        for sample in samples:
-            if (caption := self._caption(sample)) is None:
-                continue
-            if (image := decode_shard_image(sample, self.skip_report)) is None:
-                continue
-            if coin.random() < self.caption_dropout:  # p = 0 never drops, p = 1 always: random() is in [0, 1)
-                caption = ""
-            if self.bucket_transform is None:
-                yield {"image": self.transform(image), "caption": caption, "key": sample["__key__"]}
-                continue
-            meta = sample_metadata(sample)
-            yield {**self.bucket_transform(image, crops), "original_size": original_size(meta, image),
-                   "aesthetic_score": aesthetic_score(meta), "caption": caption, "key": sample["__key__"]}
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+        if (caption := self._caption(sample)) is None:
+            return None
+        if (image := decode_shard_image(sample, self.skip_report)) is None:
+            return None
+        if rng.random() < self.caption_dropout:  # p = 0 never drops, p = 1 always: random() is in [0, 1)
+            caption = ""
+        if self.bucket_transform is None:
+            return {"image": self.transform(image, rng=rng), "caption": caption, "key": sample["__key__"]}
+        meta = sample_metadata(sample)
+        return {**self.bucket_transform(image, rng), "original_size": original_size(meta, image),
+                "aesthetic_score": aesthetic_score(meta), "caption": caption, "key": sample["__key__"]}
 
 
 def _load_npy(data: bytes, dtype: torch.dtype) -> torch.Tensor:
@@ -197,25 +187,23 @@ class WebDatasetLatents(_CaptionedShards):
                           f"{record['scale_factor']}; this model's, {expected['scale_factor']}, applies (the shards "
                           "hold the unscaled posterior)", RuntimeWarning)
 
-    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        coin = self._dropout_rng()
-        for sample in samples:
-            if (caption := self._caption(sample)) is None:
-                continue
-            try:
-                mean, std = (_load_npy(sample[name], self.dtype) for name in ("mean.npy", "std.npy"))
-                context = _load_npy(sample["ctx.npy"], self.dtype) if "ctx.npy" in sample else None
-                extra = _read_extras(sample, self.dtype)
-                if mean.shape != std.shape:
-                    raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape")
-            except Exception as exn:  # KeyError for a missing array, ValueError for bad .npy data
-                self.skip_report.add(self.sample_name(sample), exn)
-                continue
-            self._check_autoencoder(sample)
-            if coin.random() < self.caption_dropout:
-                caption, context = "", None
-                extra.update({"pooled": None} if "pooled" in extra else {})
-            yield {"mean": mean, "std": std, "context": context, **extra, "caption": caption, "key": sample["__key__"]}
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+        if (caption := self._caption(sample)) is None:
+            return None
+        try:
+            mean, std = (_load_npy(sample[name], self.dtype) for name in ("mean.npy", "std.npy"))
+            context = _load_npy(sample["ctx.npy"], self.dtype) if "ctx.npy" in sample else None
+            extra = _read_extras(sample, self.dtype)
+            if mean.shape != std.shape:
+                raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape")
+        except Exception as exn:  # KeyError for a missing array, ValueError for bad .npy data
+            self.skip_report.add(self.sample_name(sample), exn)
+            return None
+        self._check_autoencoder(sample)
+        if rng.random() < self.caption_dropout:
+            caption, context = "", None
+            extra.update({"pooled": None} if "pooled" in extra else {})
+        return {"mean": mean, "std": std, "context": context, **extra, "caption": caption, "key": sample["__key__"]}
 
 
 def _read_extras(sample: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

@@ -5,6 +5,8 @@ Unreadable images never stop a run: they are skipped, warned about once and coun
 process: each DataLoader worker counts in its own copy of the dataset, unseen by the main process. To find
 every bad file up front, call `ImageFolder.verify()` in the main process. Data with nothing usable at all
 does stop a run, with one InputError after a bounded search (`ShardStream.max_barren`, `endless_batches`).
+Shard streams are read in numbered epochs and each sample draws from its own generator, so a stream can resume
+at any sample without decoding the ones before (`ShardStream.positioned`, `ldm.data.position`).
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 from torchvision.transforms import InterpolationMode, RandomCrop
 from torchvision.transforms import functional as TF
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
 
 from common.errors import InputError
+from ldm.data.position import endless_batches as endless_batches  # re-exported: their home before
+from ldm.data.position import worker_error_message as worker_error_message
 from ldm.images import open_image, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -97,22 +102,26 @@ class SkipReport:
         return self.examples[i]
 
 
-def _transform(image: Image.Image, *, size: int, random_crop: bool, random_flip: bool) -> torch.Tensor:
+def _transform(image: Image.Image, *, size: int, random_crop: bool, random_flip: bool,
+               rng: random.Random | None = None) -> torch.Tensor:
     image = to_rgb(image)
     image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side
-    if random_crop:
+    if random_crop and rng is not None:
+        image = TF.crop(image, rng.randint(0, image.height - size), rng.randint(0, image.width - size), size, size)
+    elif random_crop:
         image = TF.crop(image, *RandomCrop.get_params(image, (size, size)))
     else:
         image = TF.center_crop(image, [size, size])
-    if random_flip and torch.rand(()) < 0.5:
+    if random_flip and (rng.random() if rng is not None else torch.rand(())) < 0.5:
         image = TF.hflip(image)
     return TF.pil_to_tensor(image).float().div(127.5).sub(1.0)
 
 
-def image_transform(size: int, *, random_crop: bool, random_flip: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> float32 (3, size, size) in [-1, 1]: RGB (transparency on white), shorter side to `size`
-    (bicubic, antialiased), center or random square crop, optional horizontal flip. Random draws use torch's
-    global generator, which the DataLoader seeds per worker."""
+def image_transform(size: int, *, random_crop: bool, random_flip: bool) -> Callable[..., torch.Tensor]:
+    """PIL image (, rng=random.Random) -> float32 (3, size, size) in [-1, 1]: RGB (transparency on white), shorter
+    side to `size` (bicubic, antialiased), center or random square crop, optional horizontal flip. Random draws
+    use `rng` where given (a shard sample's own), else torch's global generator, which the DataLoader seeds per
+    worker (`ldm.data.order.SeededItems` per item)."""
     if size < 1:
         raise InputError(f"image size must be a positive number of pixels, got {size}")
     # a partial of a module-level function pickles, so the transform can travel to worker processes
@@ -210,10 +219,18 @@ class ShardStream(IterableDataset):
     """Samples from webdataset .tar shards; broken shards, and samples `_decode` rejects, are skipped and recorded
     in `self.skip_report` (`self.skipped` is its count), per process. Subclasses define `_decode`.
 
-    resampled=True (training): endless; each rank and worker draws shards with replacement, seeded by (seed,
-    rank, worker, epoch), so no splitting is needed; fresh workers replay the same draws, so pass a new
-    `seed` when resuming. resampled=False: one pass; shards are shuffled alike on every rank, then split by
-    node and by worker, so each is read once. `shuffle_buffer=0` turns all shuffling off.
+    A stream is read in epochs, each worker its own part. resampled=False (one pass per epoch): the shards are
+    shuffled by (seed, epoch), alike on every rank, then split by rank and by worker, so each is read once.
+    resampled=True (training): endless; in each epoch each worker draws its share of the shards,
+    ceil(shards / (ranks x workers)), with replacement, seeded by (seed, rank, worker, epoch). Samples pass a
+    shuffle buffer seeded by (seed, rank, worker, epoch), emptied at each epoch's end; `shuffle_buffer=0` turns
+    all shuffling off. `self.epoch` is the epoch the next iteration reads (or starts at); each iteration in this
+    process advances it, but DataLoader workers iterate copies: set it before each pass (`endless_batches` does).
+
+    Positions: a worker's samples of an epoch are numbered as they leave the shuffle buffer, before decoding,
+    and sample (epoch, index) draws its random choices (caption dropout, crop, flip) from its own generator,
+    seeded by (seed, rank, worker, epoch, index): `positioned` skips the samples before a position without
+    decoding them, and the rest come out as if none had been skipped (`ldm.data.position` resumes from there).
 
     The search for the first usable sample of an iteration is bounded: after `max_barren` shard reads and
     skipped samples (repeats counted) in `max_barren_shards` different shards (or all, if fewer), or after a
@@ -231,33 +248,81 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.source = urls if isinstance(urls, str) else " ".join(urls)  # as given, for messages
         self.urls = expand_shards(urls)
-        self.seed = seed
-        self.resampled = resampled
+        self.seed, self.resampled, self.shuffle_buffer = seed, resampled, shuffle_buffer
+        self.epoch = 0
         self.skip_report = SkipReport()
         self._extensions: set[str] = set()  # the extensions of the samples read before the first usable one
         self._searched: set[str] = set()  # the shards read before the first usable sample
-        if resampled:
-            stages: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
-        else:
-            stages = [wds.SimpleShardList(self.urls)]
-            if shuffle_buffer > 0:
-                stages.append(wds.detshuffle(len(self.urls), initial=len(self.urls), seed=seed))
-            stages += [wds.split_by_node, wds.split_by_worker]
-        stages += [self._count_reads, wds.tarfile_to_samples(handler=self._skip_shard)]
-        if shuffle_buffer > 0 and resampled:
-            # Ranks and workers may draw the same shard: give each its own sample order too.
-            self._shuffle_args = (shuffle_buffer, min(shuffle_buffer, 100))
-            stages.append(self._rank_shuffle)
-        elif shuffle_buffer > 0:
-            stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
-        stages += [self._watch_samples, self._decode]
-        self.pipeline = wds.DataPipeline(*stages)
+        self._skipping = False  # skipping to a resume position: shard reads are not part of the search
 
-    def _rank_shuffle(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """A shuffle buffer seeded by (seed, rank, worker): deterministic, different on every rank and worker."""
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        bufsize, initial = self._shuffle_args
-        yield from wds.filters._shuffle(samples, bufsize, initial, random.Random(f"{self.seed}-{rank}-{worker}"))
+    @staticmethod
+    def where(rotation: int = 0) -> tuple[int, int, int, int]:
+        """(rank, world size, worker, workers) of this process; its DataLoader worker id turned by `rotation`, as
+        `ldm.data.position` turns it to have a resumed loader continue with the worker that was next."""
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        return rank, world, (worker + rotation) % workers, workers
+
+    def epoch_shards(self, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
+        """The shards that `worker` of `rank` reads in `epoch`, in order."""
+        if self.resampled:
+            draws = random.Random(f"shards/{self.seed}/{rank}/{worker}/{epoch}")
+            return [draws.choice(self.urls) for _ in range(-(-len(self.urls) // (world * workers)))]
+        urls = list(self.urls)
+        if self.shuffle_buffer > 0:
+            random.Random(f"shards/{self.seed}/{epoch}").shuffle(urls)
+        return urls[rank::world][worker::workers]
+
+    def _epoch_samples(self, epoch: int, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        """The raw samples (bytes by extension, with __key__ and __url__) of a worker's epoch, shuffled."""
+        shards = ({"url": url} for url in self.epoch_shards(epoch, rank, world, worker, workers))
+        samples = tarfile_samples(self._count_reads(shards), handler=self._skip_shard)
+        if self.shuffle_buffer <= 0:
+            return samples
+        order = random.Random(f"samples/{self.seed}/{rank}/{worker}/{epoch}")
+        return wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), order)
+
+    def positioned(self, *, epoch: int | None = None, rotation: int = 0,
+                   start: dict[str, Any] | None = None) -> Iterator[tuple[int, int, dict[str, Any] | None]]:
+        """(epoch, index, output) for each usable sample, and (epoch + 1, 0, None) at each epoch's end (the position
+        after it); from `epoch` (default: `self.epoch`, which this advances). With `start` ({"epoch", "index",
+        "pending": [[epoch, index], ...]}) the samples before (epoch, index) are skipped without being decoded,
+        except the pending ones; resampled, the stream begins at the earliest epoch named there."""
+        if epoch is None:
+            epoch, self.epoch = self.epoch, self.epoch + 1
+        rank, world, worker, workers = self.where(rotation)
+        resume_at = (start["epoch"], start["index"]) if start else (epoch, 0)
+        pending = {(int(e), int(i)) for e, i in start["pending"]} if start else set()
+        if start and self.resampled:
+            epoch = min([resume_at[0], *(e for e, _ in pending)])
+        resumed = resume_at > (epoch, 0) or bool(pending)
+        report = self.skip_report
+        report.hold()
+        self._extensions, self._searched = set(), set()
+        try:
+            for epoch in itertools.count(epoch) if self.resampled else [epoch]:
+                for index, sample in enumerate(self._epoch_samples(epoch, rank, world, worker, workers)):
+                    self._skipping = (epoch, index) < resume_at
+                    if self._skipping and (epoch, index) not in pending:
+                        continue  # consumed before the resume; the samples after it do not depend on it
+                    if report.holding:  # no usable sample yet: note what the samples hold, bound the search
+                        self._extensions.update(k for k in sample if not k.startswith("__"))
+                        self._check_barren()
+                    output = self._decode(sample, random.Random(f"{self.seed}/{rank}/{worker}/{epoch}/{index}"))
+                    if output is None:
+                        self._check_barren()  # the skip just counted
+                        continue
+                    if report.holding:
+                        report.release()  # the first usable sample: the data works, warn about what was skipped
+                    yield epoch, index, output
+                yield epoch + 1, 0, None
+            if report.holding and not self.resampled and world * workers == 1 and not resumed:  # a whole pass
+                raise self.nothing_usable(f"a full pass over its {len(self.urls)} shard(s)")
+        finally:
+            self._skipping = False
+            report.release()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (output for _, _, output in self.positioned() if output is not None)
 
     def _skip_shard(self, exn: Exception) -> bool:
         """webdataset handler: record a broken shard once (its url or open file is in exn.args) and go on."""
@@ -270,19 +335,11 @@ class ShardStream(IterableDataset):
     def _count_reads(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Each shard read counts in the search (an empty or unreadable shard yields no sample to count)."""
         for shard in shards:
-            if self.skip_report.holding:
+            if self.skip_report.holding and not self._skipping:
                 self._searched.add(shard["url"])
                 self.skip_report.count_search()
                 self._check_barren()
             yield shard
-
-    def _watch_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Before `_decode`: while no sample was usable, note what the samples hold and bound the search."""
-        for sample in samples:
-            if self.skip_report.holding:
-                self._extensions.update(k for k in sample if not k.startswith("__"))
-                self._check_barren()
-            yield sample
 
     def _check_barren(self) -> None:
         report, shards = self.skip_report, len(self._searched)
@@ -312,8 +369,9 @@ class ShardStream(IterableDataset):
                     "as --latents; --data takes image shards")
         return f"each sample needs {self.sample_needs}; these have .{', .'.join(sorted(found))}"
 
-    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Raw samples (dicts of bytes by extension, with __key__ and __url__) -> output dicts."""
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+        """A raw sample (a dict of bytes by extension, with __key__ and __url__) -> the output dict, its random
+        choices drawn from `rng` (the sample's own); None for one it cannot use (recorded in the skip report)."""
         raise NotImplementedError
 
     @staticmethod
@@ -321,68 +379,10 @@ class ShardStream(IterableDataset):
         """'shard-url:key', the name a skipped sample is reported under."""
         return f"{sample.get('__url__')}:{sample['__key__']}"
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        report = self.skip_report
-        report.hold()
-        self._extensions, self._searched = set(), set()
-        try:
-            for item in self.pipeline:
-                if report.holding:
-                    report.release()  # the first usable sample: the data works, warn about what was skipped
-                yield item
-            _, world, _, workers = wds.utils.pytorch_worker_info()
-            if report.holding and not self.resampled and world * workers == 1:  # a pass over every shard
-                raise self.nothing_usable(f"a full pass over its {len(self.urls)} shard(s)")
-        finally:
-            report.release()
-
     @property
     def skipped(self) -> int:
         """How many broken shards and samples this process has skipped."""
         return self.skip_report.count
-
-
-def endless_batches(loader: DataLoader) -> Iterator[Any]:
-    """`loader`'s batches, pass after pass, the first one fetched now: data with nothing usable stops here, before
-    training, with one InputError, also when it is raised in a loader worker (the DataLoader wraps it in the
-    worker's traceback: unwrapped here) and when a whole pass (resampled=False) gives no batch at all."""
-    batches = _passes(loader)
-    return itertools.chain([next(batches)], batches)
-
-
-def _passes(loader: DataLoader) -> Iterator[Any]:
-    while True:
-        empty = True
-        try:
-            for batch in loader:
-                empty = False
-                yield batch
-        except InputError as exn:
-            raise InputError(worker_error_message(exn)) from None
-        if empty:
-            raise _empty_pass_error(loader)
-
-
-def worker_error_message(exn: BaseException) -> str:
-    """The one-line message of an exception, also of one re-raised from a DataLoader worker (whose message is
-    "Caught X in DataLoader worker process N. Original Traceback ...", ending in "module.X: message")."""
-    text = str(exn)
-    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
-        return text.rstrip().splitlines()[-1].split(f"{type(exn).__name__}: ", 1)[-1]
-    return text
-
-
-def _empty_pass_error(loader: DataLoader) -> InputError:
-    dataset = loader.dataset
-    name = getattr(dataset, "source", type(dataset).__name__)
-    rank, world, _, _ = wds.utils.pytorch_worker_info()
-    workers = loader.num_workers
-    skipped = (f"{dataset.skipped} skipped" if workers == 0 else "skips counted in the loader workers, whose "
-               "warnings name them") if hasattr(dataset, "skipped") else "nothing skipped"
-    shards = f"{len(dataset.urls)} shards split over " if hasattr(dataset, "urls") else ""
-    return InputError(f"a full pass over {name} gave process {rank} no sample ({shards}{world} process(es) x "
-                      f"{max(workers, 1)} loader worker(s); {skipped}): check the shards, give at least one shard "
-                      "per process and worker, or set train.resampled=true")
 
 
 class WebDatasetImages(ShardStream):
@@ -403,10 +403,10 @@ class WebDatasetImages(ShardStream):
         self.transform = image_transform(size, random_crop=random_crop, random_flip=random_flip)
         super().__init__(urls, shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
 
-    def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in samples:
-            if (image := decode_shard_image(sample, self.skip_report)) is not None:
-                yield {"image": self.transform(image), "key": sample["__key__"]}
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+        if (image := decode_shard_image(sample, self.skip_report)) is None:
+            return None
+        return {"image": self.transform(image, rng=rng), "key": sample["__key__"]}
 
 
 def decode_shard_image(sample: dict[str, Any], skip_report: SkipReport) -> Image.Image | None:

@@ -1,21 +1,22 @@
 """tools/train_ldm.py's data: image-caption or cached-latent shards -> endless training batches.
 
 Without buckets and for a plain text encoder, batches are today's square crops (or cached latents of one
-shape), batched by the DataLoader. With `train.buckets`, or for an SDXL-style conditioner (which needs each
-sample's original size and crop even for square crops: one square bucket), the stream is batched per bucket
-by `ldm.data.buckets.BucketBatches`, every batch of one shape.
+shape). With `train.buckets`, or for an SDXL-style conditioner (which needs each sample's original size and crop
+even for square crops: one square bucket), the stream is batched per bucket, every batch of one shape. Either
+way the loader workers batch (`ldm.data.position.PositionedBatches`) and the batches know where the stream is,
+so a resumed run continues it exactly (`ResumableBatches.state()`).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from ldm.data.buckets import Bucket, BucketBatches, collate_images, make_buckets, unbatched
+from ldm.data.buckets import Bucket, collate_images, make_buckets, unbatched
 from ldm.data.captions import WebDatasetCaptions, WebDatasetLatents, collate_latents
-from ldm.data.images import endless_batches
+from ldm.data.position import PositionedBatches, ResumableBatches
 from ldm.model import LatentDiffusion
 from ldm.training.conditioning import is_conditioner, unconditional_text
 from ldm.training.config import TrainConfig
@@ -44,18 +45,21 @@ def unconditional_for_cache(model: LatentDiffusion, *, latents: bool, train_text
 
 
 def training_batches(*, data: str | None, latents: str | None, cfg: TrainConfig, rank: int, step: int,
-                     buckets: list[Bucket] | None, uncond: dict[str, torch.Tensor],
-                     autoencoder: dict | None) -> tuple[Any, Iterator[dict[str, Any]]]:
+                     buckets: list[Bucket] | None, uncond: dict[str, torch.Tensor], autoencoder: dict | None,
+                     resume_state: dict[str, Any] | None = None) -> tuple[Any, ResumableBatches]:
     """(the dataset, for its skip count; endless batches {"image" | "mean","std","context"[,"pooled"], "caption",
-    "key"[, "original_size", "crop", "target_size", "aesthetic_score"]}).
+    "key"[, "original_size", "crop", "target_size", "aesthetic_score"]}, with `.state()`).
 
     Cached contexts of dropped captions are filled from `uncond` (`unconditional_for_cache`); cached latents must
     record `autoencoder` (`autoencoder_record`). With `buckets` (`training_buckets`), batches are of one bucket
     each. The first batch is read now: data with no usable sample (or another autoencoder's latents) stops the
-    run before it starts, with one line."""
-    seed = cfg.seed + 1000 * step  # a resumed run reshuffles rather than replaying the first batches
+    run before it starts, with one line.
+
+    Resuming: `resume_state` is this rank's `state()` saved at the checkpoint. From the same data, seed, world size,
+    loader workers and batch size, the batches go on exactly as an uninterrupted run's would
+    (`ldm.data.position`); otherwise one printed line says why, and the stream is reseeded by the step instead."""
     stream = dict(caption_dropout=cfg.caption_dropout, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
-                  seed=seed)
+                  seed=cfg.seed)
     if latents:
         dataset = WebDatasetLatents(latents, autoencoder=autoencoder, **stream)
         collate, shape_of = functools.partial(collate_latents, **uncond), "mean"
@@ -63,13 +67,13 @@ def training_batches(*, data: str | None, latents: str | None, cfg: TrainConfig,
         dataset = WebDatasetCaptions(data, cfg.image_size, random_crop=cfg.random_crop,
                                      random_flip=cfg.random_flip, buckets=buckets, **stream)
         collate, shape_of = (collate_images if buckets is not None else None), "image"
-    generator = torch.Generator().manual_seed(seed + rank)
-    if buckets is None:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
-                            generator=generator)
-        return dataset, endless_batches(loader)
-    batched = BucketBatches(dataset, cfg.batch_size, collate=collate, shape_of=shape_of)
+    batched = PositionedBatches(dataset, cfg.batch_size, collate=collate,
+                                shape_of=shape_of if buckets is not None else None)
     loader = DataLoader(batched, batch_size=None, num_workers=cfg.num_workers, collate_fn=unbatched,
-                        generator=generator)
-    return batched, endless_batches(loader)
-
+                        generator=torch.Generator().manual_seed(cfg.seed + rank))
+    # A resume that cannot continue the stream reshuffles rather than replaying the first batches.
+    batches = ResumableBatches(loader, seed=cfg.seed, resume=resume_state, reseed=cfg.seed + 1000 * step)
+    if batches.problem is not None and (resume_state is not None or step > 0):
+        print(f"data position: {batches.problem}; the data stream is reseeded (seed {dataset.seed}) rather than "
+              "continued exactly", flush=True)
+    return dataset, batches.start()

@@ -7,6 +7,9 @@ only complete checkpoints and perhaps a `.tmp-step_*` folder, which the next wri
 a full disk removes the partial folder at once and raises `DiskFullError`. `--resume` checks the files
 of the newest checkpoint (sizes against the marker, each file against its own header) and falls back
 to an older one when they are damaged, saying which was skipped and why.
+
+Under train.fsdp a checkpoint folder holds a `torch.distributed.checkpoint` directory written by every rank
+instead of the safetensors files (ldm/training/sharded.py); the marker lists the files of the whole tree.
 """
 from __future__ import annotations
 
@@ -32,12 +35,13 @@ from common.checkpoint import (
 )
 from common.errors import InputError
 from ldm.model import LatentDiffusion
-from ldm.training.distributed import state_of
+from ldm.training.distributed import full_tensors, state_of
 from ldm.training.ema import EMA
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _PARTIAL_DIR = re.compile(r"^\.tmp-step_\d{8}$")
 MARKER = "COMPLETE"
+RESUME_FILE = "resume.pt"  # a sharded checkpoint's per-rank data positions and RNG states
 
 
 def step_dir_name(step: int) -> str:
@@ -54,27 +58,58 @@ def write_checkpoint_dir(root: Path, step: int, write: Callable[[Path], None], *
     Kept: the `keep` newest checkpoints up to `step` (all with keep <= 0). Newer ones can only be left
     from before a resume that skipped them as damaged, and are removed. On a full disk the partial
     folder is removed and `DiskFullError` names the checkpoint and the space it needs."""
+    try:
+        write(begin_checkpoint_dir(root, step))
+        seal_checkpoint_dir(partial_dir(root, step), step)
+    except BaseException as exc:
+        abandon_checkpoint_dir(root, step, exc)
+        raise
+    return publish_checkpoint_dir(root, step, keep=keep)
+
+
+# The steps of `write_checkpoint_dir`, apart: a sharded checkpoint (ldm/training/sharded.py) is filled by every
+# rank between rank 0's begin and its seal / publish.
+
+def partial_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-{step_dir_name(step)}"
+
+
+def begin_checkpoint_dir(root: Path, step: int) -> Path:
+    """A new, empty `.tmp-step_*` folder (partial folders of an interrupted write removed first)."""
     root.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(root)
+    tmp = partial_dir(root, step)
+    tmp.mkdir()
+    return tmp
+
+
+def seal_checkpoint_dir(tmp: Path, step: int) -> None:
+    """Make every file in the folder tree durable, then write the `COMPLETE` marker with their sizes (paths
+    relative to the folder: `model.safetensors`, `dcp/__0_0.distcp`)."""
+    files = {path.relative_to(tmp).as_posix(): path.stat().st_size for path in _files_in(tmp)}
+    for name in files:  # a writer that does not fsync (plain torch.save) is made durable before the marker
+        _fsync(tmp / name)
+    for folder in {(tmp / name).parent for name in files} - {tmp}:
+        _fsync(folder)
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n")
+    _fsync(tmp / MARKER)
+
+
+def abandon_checkpoint_dir(root: Path, step: int, exc: BaseException) -> None:
+    """Remove a partial folder after a failed write; raise `DiskFullError` if the disk was full."""
+    tmp = partial_dir(root, step)
+    written = _folder_bytes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_disk_full(exc):
+        raise _disk_full(root, root / step_dir_name(step), exc, written) from None
+
+
+def publish_checkpoint_dir(root: Path, step: int, *, keep: int) -> Path:
+    """Rename the sealed `.tmp-step_*` folder to `step_*` (atomic), then prune (see `write_checkpoint_dir`)."""
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        for name in files:  # a writer that does not fsync (plain torch.save) is made durable before the marker
-            _fsync(tmp / name)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n")
-        _fsync(tmp / MARKER)
-    except BaseException as exc:
-        written = _folder_bytes(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
-            raise _disk_full(root, final, exc, written) from None
-        raise
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    os.replace(partial_dir(root, step), final)
     _fsync(root)
     done = list_checkpoints(root)
     older = [p for p in done if _step_of(p) <= step]
@@ -94,8 +129,13 @@ def _disk_full(root: Path, final: Path, exc: BaseException, written: int) -> Dis
     return DiskFullError(final, needed, f"free space or choose another --out{kept}")
 
 
+def _files_in(folder: Path) -> list[Path]:
+    """The files of a folder tree, sorted (a flat checkpoint's are its top-level files)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+    return sum(p.stat().st_size for p in _files_in(folder)) if folder.is_dir() else 0
 
 
 def _fsync(path: Path) -> None:
@@ -189,11 +229,12 @@ def checkpoint_to_resume(root: Path, *, resume: bool) -> Path | None:
 
 
 def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, trainable_state: dict[str, torch.Tensor],
-                              ema: EMA, optimizer: torch.optim.Optimizer, scaler, *, keep: int) -> Path:
+                              ema: EMA, optimizer: torch.optim.Optimizer, scaler, *, keep: int,
+                              resume: dict | None = None) -> Path:
     """Rank 0: `model.safetensors` (raw), `ema.safetensors` (EMA weights: the one to use), `train_state.pt`.
 
-    No RNG state is stored: each rank reseeds from (seed, rank, step) on resume, which is the same on
-    every rank count and needs no per-rank files."""
+    `resume` (gathered from every rank by the trainer): each rank's data-stream position and RNG state, so a
+    resume on the same number of ranks goes on exactly; on another it reseeds from (seed, rank, step)."""
 
     def write(folder: Path) -> None:
         meta = {"step": step}
@@ -204,32 +245,36 @@ def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, tra
         save_checkpoint(folder / "ema.safetensors", ema_state,
                         {"kind": "latent_diffusion", "config": model.config.to_json(), "ema": "true", **meta})
         save_pickle(folder / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
-                                                "scaler": scaler.state_dict(), "ema_num_updates": ema.num_updates})
+                                                "scaler": scaler.state_dict(), "ema_num_updates": ema.num_updates,
+                                                "resume": resume or {}})
 
     return write_checkpoint_dir(root, step, write, keep=keep)
 
 
 def save_training_checkpoint(root: Path, step: int, model: LatentDiffusion, net: nn.Module, ema: EMA,
-                             optimizer: torch.optim.Optimizer, scaler, *, keep: int, is_main: bool) -> None:
+                             optimizer: torch.optim.Optimizer, scaler, *, keep: int, is_main: bool,
+                             resume: dict | None = None) -> None:
     """Called on every rank: each gathers the trained weights (a collective under FSDP), rank 0 writes
     them with `write_training_checkpoint`, and all ranks wait until it has."""
     trainable_state = state_of(net)
     if is_main:
-        write_training_checkpoint(root, step, model, trainable_state, ema, optimizer, scaler, keep=keep)
+        write_training_checkpoint(root, step, model, trainable_state, ema, optimizer, scaler, keep=keep,
+                                  resume=resume)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
 def _merged_state(model: LatentDiffusion, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The whole LatentDiffusion state with the trainable parts' weights swapped in."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for key, value in trainable.items():
-        state[key] = value.detach().cpu().to(state[key].dtype)
-    return state
+    """The whole LatentDiffusion state with the trainable parts' weights (full tensors) swapped in."""
+    return {key: (trainable[key].detach().cpu().to(value.dtype) if key in trainable else value.detach().cpu())
+            for key, value in model.state_dict().items()}
 
 
 def restore_training_checkpoint(folder: Path, trainable: nn.Module, ema: EMA, optimizer, scaler) -> int:
     """Load raw weights, EMA, optimizer and scaler; returns the step. Every rank reads the same files."""
+    if not (folder / "model.safetensors").is_file() and (folder / "dcp").is_dir():
+        raise InputError(f"{folder} is a sharded checkpoint (written with train.fsdp=true): resume it with "
+                         "train.fsdp=true, or export it: tools/convert_checkpoint.py FOLDER OUT.safetensors")
     tensors, _ = read_checkpoint(folder / "model.safetensors")
     own = {k: v for k, v in tensors.items() if k.split(".")[0] in ("denoiser", "text_encoder")}
     target = trainable.module if isinstance(trainable, nn.parallel.DistributedDataParallel) else trainable
@@ -244,7 +289,20 @@ def restore_training_checkpoint(folder: Path, trainable: nn.Module, ema: EMA, op
     return int(state["step"])
 
 
-def export_ema(path: Path, model: LatentDiffusion, ema: EMA) -> None:
-    """The final model for `ldm.load_model` / `txt2img.py --ckpt`: the EMA weights, config inside."""
-    save_checkpoint(path, _merged_state(model, dict(ema.shadow)),
-                    {"kind": "latent_diffusion", "config": model.config.to_json(), "ema": "true"})
+def export_ema(path: Path, model: LatentDiffusion, ema: EMA, *, is_main: bool = True) -> None:
+    """The final model for `ldm.load_model` / `txt2img.py --ckpt`: the EMA weights, config inside, written by
+    rank 0. Under FSDP every rank calls it: the EMA's shards are gathered (a collective) into full tensors."""
+    shadow = full_tensors(ema.shadow, keep=is_main)
+    if is_main:
+        save_checkpoint(path, _merged_state(model, shadow),
+                        {"kind": "latent_diffusion", "config": model.config.to_json(), "ema": "true"})
+
+
+def saved_resume(folder: Path) -> dict:
+    """The per-rank `resume` a checkpoint keeps ({"data": [state per rank], "rng": [state per rank]}): in
+    train_state.pt, or resume.pt of a sharded one; {} for checkpoints from before it was saved."""
+    for name in ("train_state.pt", RESUME_FILE):
+        if (folder / name).is_file():
+            state = torch.load(folder / name, map_location="cpu", weights_only=True)
+            return (state.get("resume") if name == "train_state.pt" else state) or {}
+    return {}

@@ -74,11 +74,13 @@ class TrainConfig(BaseTrainConfig):
     ema_decay: float = 0.9999
     ema_warmup: bool = True             # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (LitEma)
     gradient_checkpointing: bool = False
-    fsdp: bool = False                  # shard the denoiser (CUDA); DDP otherwise
+    fsdp: bool = False                  # shard the trained module (FSDP2, CPU or CUDA; training/sharded.py); else DDP
     caption_dropout: float = 0.1        # the empty caption, for classifier-free guidance
     loss_type: str = "l2"
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
+    per_sample_noise: bool = False      # t and noise seeded per (seed, step, sample key), not per rank: the same
+                                        # numbers on any rank layout and after a resume (ldm/training/noise.py)
     ckpt_every: int = 1000
     log_sample_keys: bool = False       # write OUT/sample_keys/rank{r}.tsv: keys seen and a weight checksum per step
     shuffle_buffer: int = 1000
@@ -115,9 +117,14 @@ class TrainConfig(BaseTrainConfig):
                                  f"got {self.min_snr_gamma}")
         if not 0 <= self.caption_dropout <= 1:
             raise InputError(f"train config: caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        for name in ("buckets", "random_crop", "random_flip", "ema_warmup"):
+        for name in ("buckets", "random_crop", "random_flip", "ema_warmup", "per_sample_noise"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"train config: {name} is true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.fsdp, bool):
+            raise InputError(f"train config: fsdp is true or false, got {self.fsdp!r}")
+        if self.fsdp and self.precision == "fp16":  # GradScaler's inf check would run on each rank's shard alone
+            raise InputError("train config: fsdp does not take precision fp16 (its gradient scaler does not agree "
+                             "across shards); use bf16 or fp32")
         if self.bucket_max_ratio < 1:
             raise InputError(f"train config: bucket_max_ratio must be a number >= 1 (long side / short side), "
                              f"got {self.bucket_max_ratio}")

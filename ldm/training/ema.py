@@ -14,6 +14,11 @@ class EMA:
     With `warmup` the decay is min(decay, (1 + n) / (10 + n)) after n updates, as in LitEma, so
     early averages are not dominated by the random initialisation. Before `start_step` the shadow
     simply follows the weights.
+
+    The shadows take the parameters' type: under FSDP2 (`fully_shard`) the parameters are DTensor shards
+    and so are the shadows, each rank averaging its own shard (`_foreach_lerp_` and `copy_` run on
+    DTensors shard by shard, with no communication); `ldm.training.sharded` gathers them to sample,
+    export or save.
     """
 
     def __init__(self, model: nn.Module, *, decay: float = 0.999, start_step: int = 0, warmup: bool = True):
@@ -47,7 +52,13 @@ class EMA:
 
     @contextlib.contextmanager
     def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily load the EMA weights into `model` (for evaluation), then restore."""
+        """Temporarily load the EMA weights into `model` (for evaluation), then restore. A model whose parameters
+        are the shadows themselves (`ldm.training.sharded.ema_weights`' gathered copy) is used as it is, with
+        no backup copy."""
+        if all(type(p.data) is torch.Tensor and p.data_ptr() == self.shadow[name].data_ptr()
+               for name, p in model.named_parameters()):
+            yield model
+            return
         backup = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.copy_to(model)
         try:
