@@ -267,7 +267,7 @@ def test_one_process_saves_and_exports_a_sharded_checkpoint(tmp_path, monkeypatc
     folder = list_checkpoints(tmp_path / "checkpoints")[-1]
     assert folder.name == "step_00000002" and checkpoint_problem(folder) is None
     marker = json.loads((folder / "COMPLETE").read_text())
-    assert sorted(marker["files"]) == ["dcp/.metadata", "dcp/__0_0.distcp", "frozen.safetensors"]
+    assert sorted(marker["files"]) == ["dcp/.metadata", "dcp/__0_0.distcp", "frozen.safetensors", "resume.pt"]
     exported, _ = read_checkpoint(tmp_path / "model.safetensors")
     tensors, metadata = read_training_checkpoint(folder)
     assert tensors.keys() == exported.keys() and all(torch.equal(tensors[k], exported[k]) for k in tensors)

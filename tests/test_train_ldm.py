@@ -302,7 +302,7 @@ def test_unusable_latents_stop_with_one_line(shards, tmp_path, data, workers):
                                   "(latents) write them"))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2 loader workers: ~1 min
 def test_a_resumed_run_repeats_the_uninterrupted_one_bitwise(shards, tmp_path, workers):
     """Stop at a checkpoint and --resume: the same samples at every step and the same weights after every step as
     a run that never stopped (each rank's data position and RNG state are in the checkpoint)."""

@@ -173,8 +173,8 @@ def train(args: argparse.Namespace) -> None:
             with gradient_sync(net, sync=micro == cfg.grad_accum - 1), autocast():
                 loss, t = diffusion.diffusion_loss(model_fn, latents, schedule, parameterization=model.parameterization,
                                                    loss_type=cfg.loss_type, min_snr_gamma=cfg.min_snr_gamma,
-                                                   offset_noise=cfg.offset_noise, t=draws and draws.t,
-                                                   noise=draws and draws.noise)
+                                                   offset_noise=cfg.offset_noise, t=draws.t if draws else None,
+                                                   noise=draws.noise if draws else None)
                 scaler.scale(loss.mean() / cfg.grad_accum).backward()
             losses.append(loss.detach())
             timesteps.append(t)
@@ -315,7 +315,7 @@ def latents_of(model: LatentDiffusion, batch: dict, device: torch.device, *, cfg
             draws = per_sample_draws(batch["key"], seed=cfg.seed, step=step, shape=tuple(mean.shape[1:]),
                                      num_timesteps=model.schedule.num_timesteps, offset_noise=cfg.offset_noise,
                                      device=device, dtype=mean.dtype)
-        return model.latents_from_posterior(mean, std, eps=draws and draws.posterior_eps), draws
+        return model.latents_from_posterior(mean, std, eps=draws.posterior_eps if draws else None), draws
 
 
 # Now and then.
