@@ -333,7 +333,7 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, saved
     saved = run_worker("save", tmp_path, ranks=saved_on)
     marker = json.loads((list_checkpoints(tmp_path / "checkpoints")[-1] / "COMPLETE").read_text())
     assert sorted(marker["files"]) == ["dcp/.metadata", *[f"dcp/__{r}_0.distcp" for r in range(saved_on)],
-                                       "frozen.safetensors"]
+                                       "frozen.safetensors", "resume.pt"]
     loaded = run_worker("load", tmp_path, ranks=loaded_on)
     print(json.dumps({"saved": saved, "loaded": loaded}, indent=1))
     assert loaded["step"] == 2 and loaded["ema_num_updates"] == 2
@@ -387,7 +387,7 @@ def test_train_ldm_with_fsdp_matches_ddp_and_resumes_on_other_rank_counts(shards
     assert (fsdp / "samples" / "step_00000003.png").is_file()  # drawn on rank 0 with the gathered EMA weights
     folder = fsdp / "checkpoints" / "step_00000003"
     assert sorted(json.loads((folder / "COMPLETE").read_text())["files"]) == [
-        "dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "frozen.safetensors"]
+        "dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "frozen.safetensors", "resume.pt"]
     exported = read_checkpoint(fsdp / "model.safetensors")[0]
     ddp_exported = read_checkpoint(ddp / "model.safetensors")[0]
     print("max |EMA fsdp - EMA ddp|", max((exported[k] - ddp_exported[k]).abs().max().item() for k in exported))
@@ -404,7 +404,7 @@ def test_train_ldm_with_fsdp_matches_ddp_and_resumes_on_other_rank_counts(shards
     train("--out", str(fsdp), "--max-steps", "4", *common, "train.fsdp=true", "train.ckpt_every=4",
           "train.precision=bf16", "--resume")
     assert sorted(json.loads((fsdp / "checkpoints" / "step_00000004" / "COMPLETE").read_text())["files"]) == [
-        "dcp/.metadata", "dcp/__0_0.distcp", "frozen.safetensors"]
+        "dcp/.metadata", "dcp/__0_0.distcp", "frozen.safetensors", "resume.pt"]
     result = train("--out", str(fsdp), "--max-steps", "5", *common, "train.fsdp=true", "train.precision=bf16",
                    "train.grad_accum=2", "--resume", ranks=2)
     assert "resumed at step 4" in result.stdout and "global batch 4 x 2 x 2 = 16" in result.stdout
