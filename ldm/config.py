@@ -61,6 +61,11 @@ class LDMConfig:
             raise InputError(f"model config: zero_terminal_snr must be true or false, got {self.zero_terminal_snr!r}")
         if self.parameterization not in PARAMETERIZATIONS:
             raise InputError(f"parameterization {self.parameterization!r} is not one of {', '.join(PARAMETERIZATIONS)}")
+        if self.zero_terminal_snr and self.parameterization == "eps":
+            # at SNR 0 the noise is x_T itself, so eps says nothing of the image: x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+            # divides by 0 at the first sampling step (Lin et al. 2023, sec. 3.2: use v-prediction)
+            raise InputError("model config: zero_terminal_snr needs parameterization v (or x0): an eps model cannot "
+                             "recover the image at SNR 0; set parameterization: v")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise InputError(f"beta_schedule {self.beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
         if self.timesteps < 1:

@@ -53,6 +53,21 @@ def write_real_images(folder: Path, n: int, size: int = 32, seed: int = 0) -> li
     return paths
 
 
+def write_caption_shards(root: Path, captions: list[str], *, shards: int = 2, per_shard: int = 16) -> str:
+    """`shards` webdataset shards of `per_shard` real images each (`write_real_images`, 32 px), sample k captioned
+    captions[k % len(captions)], keyed s{shard}_{k:03d}, written directly (as make_shards.py would); their
+    brace pattern."""
+    import webdataset as wds
+
+    images = write_real_images(root / "images", shards * per_shard, 32)
+    for shard in range(shards):
+        with wds.TarWriter(str(root / f"{shard:06d}.tar")) as sink:
+            for k, path in enumerate(images[shard * per_shard:(shard + 1) * per_shard]):
+                sink.write({"__key__": f"s{shard}_{k:03d}", "png": path.read_bytes(),
+                            "txt": captions[k % len(captions)]})
+    return str(root / f"{{000000..{shards - 1:06d}}}.tar")
+
+
 def write_default_model_lora(path, seed: int = 0) -> None:
     """A kohya file for the embedded default model: rank-2 LoRAs on every attn2.to_k (sgm-flattened names)."""
     model = ldm.load_model()

@@ -18,7 +18,6 @@ from torchvision.transforms import functional as TF
 
 from common.errors import InputError
 from ldm.data.buckets import (
-    BucketBatches,
     collate_images,
     cover_size,
     fit_to_bucket,
@@ -27,6 +26,7 @@ from ldm.data.buckets import (
     unbatched,
 )
 from ldm.data.captions import WebDatasetCaptions, collate_latents
+from ldm.data.position import PositionedBatches
 
 from helpers import _photos
 
@@ -140,10 +140,10 @@ def test_random_crops_vary_and_follow_the_seed():
     assert corners == again
 
 
-def _bucketed(shards: str, *, batch_size: int = 4, seed: int = 0, resampled: bool = False, **kw) -> BucketBatches:
+def _bucketed(shards: str, *, batch_size: int = 4, seed: int = 0, resampled: bool = False, **kw) -> PositionedBatches:
     dataset = WebDatasetCaptions(shards, 32, caption_dropout=0.0, buckets=make_buckets(32, multiple=8),
                                  shuffle_buffer=20, resampled=resampled, seed=seed, **kw)
-    return BucketBatches(dataset, batch_size, collate=collate_images)
+    return PositionedBatches(dataset, batch_size, collate=collate_images, shape_of="image")
 
 
 def test_every_batch_is_one_bucket_and_a_pass_sees_every_sample_once(mixed_shards):

@@ -133,3 +133,23 @@ def test_random_draws_offset_noise_and_min_snr_weights():
     torch.testing.assert_close(min_snr_weight(a, 5.0, "v"), torch.tensor([0.5, 5 / 10, 5 / 100]))
     with pytest.raises(InputError, match="parameterization 'score'"):
         diffusion_loss(model, x0, SD, parameterization="score")
+
+
+def test_a_zero_terminal_snr_schedule_trains_v_and_refuses_eps():
+    """At SNR 0 the min-SNR eps weight is its limit 1 (not 0 / 0 = NaN), the v weight 0 (Hang et al. eq. 9), and
+    an eps model with that schedule is refused: its x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by 0."""
+    import ldm
+
+    zsnr = NoiseSchedule.make(zero_terminal_snr=True)
+    last = zsnr.alphas_cumprod[-2:].float()
+    assert last[-1].item() == 0.0 and last[0].item() > 0
+    torch.testing.assert_close(min_snr_weight(last, 5.0, "eps"), torch.tensor([1.0, 1.0]))
+    snr = last[0] / (1 - last[0])  # ~2e-7, below gamma
+    torch.testing.assert_close(min_snr_weight(last, 5.0, "v"), torch.stack([snr / (snr + 1), torch.tensor(0.0)]))
+    x0, t = torch.randn(2, 4, 2, 2), torch.tensor([998, 999])
+    loss, _ = diffusion_loss(lambda xt, t: torch.zeros_like(xt), x0, zsnr, parameterization="v", t=t,
+                             noise=torch.randn(2, 4, 2, 2), min_snr_gamma=5.0)
+    assert torch.isfinite(loss).all()
+    with pytest.raises(InputError, match="zero_terminal_snr needs parameterization v"):
+        ldm.LDMConfig(zero_terminal_snr=True, parameterization="eps")
+    assert ldm.LDMConfig(zero_terminal_snr=True, parameterization="v").zero_terminal_snr

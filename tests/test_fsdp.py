@@ -21,7 +21,7 @@ import torch
 
 if __name__ == "__main__":  # the worker: `helpers` and the tools are beside / above this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO
+from helpers import REPO, write_caption_shards
 
 CAPTIONS = ["red apple", "grinning face", "yellow star", "blue heart"] * 2  # the global batch: 8 samples
 STEPS = 3
@@ -191,17 +191,7 @@ def worker(mode: str, out: Path) -> None:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Two shards of 16 real images with captions."""
-    import webdataset as wds
-
-    from helpers import write_real_images
-
-    root = tmp_path_factory.mktemp("fsdp_data")
-    images = write_real_images(root / "images", 32)
-    for shard in range(2):
-        with wds.TarWriter(str(root / f"{shard:06d}.tar")) as sink:
-            for k, path in enumerate(images[shard * 16:(shard + 1) * 16]):
-                sink.write({"__key__": f"s{shard}_{k:03d}", "png": path.read_bytes(), "txt": CAPTIONS[k % 4]})
-    return str(root / "{000000..000001}.tar")
+    return write_caption_shards(tmp_path_factory.mktemp("fsdp_data"), CAPTIONS[:4])
 
 
 def train(*args: str, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:

@@ -60,6 +60,26 @@ def test_recipes_are_today_plus_their_changes():
     assert learning.RECIPES["new"].overrides() == []  # the config as it is
 
 
+@pytest.mark.parametrize("name", sorted(learning.RECIPES))
+def test_every_recipe_is_a_valid_training_config(name):
+    """Each recipe's overrides on configs/ldm/tiny.yaml build its model and train config (a typo or a contradiction,
+    such as zero terminal SNR with eps, would otherwise surface only after the autoencoder's training)."""
+    import torch
+
+    from common.config import read_yaml
+    from ldm.cli import apply_overrides
+    from ldm.formats.loading import model_from_training_config
+    from ldm.training.config import TrainConfig
+
+    raw = apply_overrides(read_yaml(REPO / "configs/ldm/tiny.yaml"), learning.RECIPES[name].overrides())
+    TrainConfig.from_dict(raw["train"])
+    torch.manual_seed(0)
+    model = model_from_training_config({**raw["model"], "random_autoencoder": True})
+    if name.startswith("new-zsnr"):
+        assert model.config.zero_terminal_snr and model.config.parameterization == "v"
+        assert model.alphas_cumprod[-1].item() == 0.0
+
+
 @pytest.mark.slow
 def test_the_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "RESULTS.md"

@@ -101,6 +101,25 @@ def test_ddim_with_an_oracle_recovers_x0_in_any_number_of_steps(steps, parameter
     torch.testing.assert_close(out, a_0.sqrt() * x0 + (1 - a_0).sqrt() * eps, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_a_zero_terminal_snr_schedule_samples_from_snr_0(sampler, steps):
+    """Trailing steps start at t = T, where SNR is 0 and x_T is all noise: with a v oracle, DDIM and PLMS (whose
+    eps-only step is undefined there) end at sqrt(a_0) x0 + sqrt(1 - a_0) x_T, the exact path's end."""
+    zsnr = NoiseSchedule.make(zero_terminal_snr=True)
+    g = torch.Generator().manual_seed(0)
+    x0, x_T = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64), torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
+
+    def oracle(x, t):
+        a = zsnr.alphas_cumprod.double()[t].to(x.dtype).reshape(-1, 1, 1, 1)
+        return model_target(x0, (x - a.sqrt() * x0) / (1 - a).sqrt(), a, "v")
+
+    out = samplers.sample(oracle, x_T, zsnr, sampler=sampler, steps=steps, parameterization="v",
+                          timestep_spacing="trailing")
+    a_0 = zsnr.alphas_cumprod.double()[0]
+    torch.testing.assert_close(out, a_0.sqrt() * x0 + (1 - a_0).sqrt() * x_T, rtol=1e-7, atol=1e-7)
+
+
 def test_ddim_eta_1_is_the_ddpm_posterior_on_all_1000_steps():
     timesteps = ddim_timesteps(1000, 1000)
     betas = make_betas("scaled_linear", 1000, 0.00085, 0.012)  # float64 throughout

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-import webdataset as wds
 
 import ldm
 from autoencoder import AutoencoderConfig, AutoencoderKL
@@ -28,7 +27,7 @@ from ldm.formats.loading import (
 )
 from ldm.training.checkpoints import latest_checkpoint, list_checkpoints
 
-from helpers import REPO, write_real_images
+from helpers import REPO, write_caption_shards
 
 CAPTIONS = ["red apple", "grinning face", "yellow star", "blue heart"]
 RANDOM_AE = "model.random_autoencoder=true"  # configs/ldm/tiny.yaml's autoencoder section, random weights
@@ -39,15 +38,8 @@ FAST = [*FAST_DATA, RANDOM_AE]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Two shards of 16 real images with captions (written directly, as make_shards.py would)."""
-    root = tmp_path_factory.mktemp("ldm_data")
-    images = write_real_images(root / "images", 32)
-    for shard in range(2):
-        with wds.TarWriter(str(root / f"{shard:06d}.tar")) as sink:
-            for k, path in enumerate(images[shard * 16:(shard + 1) * 16]):
-                sink.write({"__key__": f"s{shard}_{k:03d}", "png": path.read_bytes(),
-                            "txt": CAPTIONS[k % len(CAPTIONS)]})
-    return str(root / "{000000..000001}.tar")
+    """Two shards of 16 real images with captions."""
+    return write_caption_shards(tmp_path_factory.mktemp("ldm_data"), CAPTIONS[:4])
 
 
 def train(*args, launcher=(sys.executable,), check=True, **kwargs):

@@ -21,6 +21,7 @@ from ldm.training.checkpoints import (
     checkpoint_to_resume,
     latest_checkpoint,
     list_checkpoints,
+    lost_contact,
     write_checkpoint_dir,
 )
 from ldm.training.config import TrainConfig
@@ -171,6 +172,38 @@ def test_resume_skips_damaged_checkpoints_and_says_why(tmp_path, capsys):
         f"--resume: no intact checkpoint in {tmp_path} (step_00000015: ema.safetensors has changed ({size + 1} bytes, "
         f"written as {size}); step_00000010: ema.safetensors is missing); remove the damaged folders to start over, "
         "or choose a new --out")
+
+
+@pytest.mark.parametrize("tool", ["train_ldm", "train_autoencoder"])
+def test_a_lost_rank_ends_both_trainers_with_one_line(tool, tmp_path, monkeypatch):
+    """A peer's death as gloo reports it becomes the one line naming the newest checkpoint (tests/test_cluster.py
+    kills a real node); alone, or for any other error, the exception goes through unchanged."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    module = importlib.import_module(tool)
+    write_checkpoint_dir(tmp_path / "checkpoints", 20, lambda d: _write_state(d, 20), keep=3)
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41231")
+
+    def dies(args):
+        raise gone
+
+    monkeypatch.setattr(module, "train", dies)
+    monkeypatch.setattr(module, "parse_args", lambda: type("Args", (), {"out": str(tmp_path)})())
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(InputError) as error:
+        module.main()
+    assert str(error.value) == (
+        "rank 2: lost contact with another rank ([../gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+        "[127.0.0.1]:41231): a node or worker died or stopped answering; the newest complete checkpoint is "
+        f"{tmp_path / 'checkpoints' / 'step_00000020'}: relaunch the same command with --resume (torchrun "
+        "--max-restarts N relaunches by itself)")
+    assert lost_contact(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), tmp_path) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert lost_contact(gone, tmp_path) is None
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        module.main()
 
 
 def test_checkpoints_written_before_the_size_manifest_are_checked_file_by_file(tmp_path, capsys):

@@ -171,6 +171,17 @@ def save_grid(path: Path, images: torch.Tensor, recs: torch.Tensor) -> None:
 
 def main() -> None:
     args = parse_args()
+    try:
+        train(args)
+    except RuntimeError as exc:  # under torchrun: another rank gone (a dead node or worker) or stuck
+        from ldm.training.checkpoints import lost_contact
+
+        if (stop := lost_contact(exc, Path(args.out) / "checkpoints")) is None:
+            raise
+        raise stop from None
+
+
+def train(args: argparse.Namespace) -> None:
     check_output_folder(args.out, flag="--out", what="the run's files",
                         subfolders={"checkpoints": "the checkpoints", "samples": "the reconstruction grids"})
     raw, model_cfg, loss_cfg, cfg = load_configs(args)

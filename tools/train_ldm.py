@@ -27,7 +27,6 @@ With --lora-rank the model (--init PATH, or the config's) stays frozen and only 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -63,17 +62,11 @@ def main() -> None:
     try:
         train(args)
     except RuntimeError as exc:  # under torchrun: another rank gone (a dead node or worker) or stuck
-        from ldm.training.checkpoints import latest_checkpoint
-        from ldm.training.distributed import lost_peer
+        from ldm.training.checkpoints import lost_contact
 
-        if not lost_peer(exc, int(os.environ.get("WORLD_SIZE", "1"))):
+        if (stop := lost_contact(exc, Path(args.out) / "checkpoints")) is None:
             raise
-        newest = latest_checkpoint(Path(args.out) / "checkpoints")
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(f"rank {os.environ.get('RANK', '0')}: lost contact with another rank ({reason}): a node or "
-                         f"worker died or stopped answering; the newest complete checkpoint is "
-                         f"{newest or 'none yet'}: relaunch the same command with --resume (torchrun "
-                         f"--max-restarts N relaunches by itself)") from None
+        raise stop from None
 
 
 def train(args: argparse.Namespace) -> None:

@@ -10,27 +10,24 @@ wrote one, the size before it resized; else the decoded image's), `crop` (the cr
 resized image's pixels; of the flipped image when the sample was flipped, as kohya records it) and
 `target_size` (the bucket).
 
-`BucketBatches` turns such a stream into batches of one bucket each: one buffer per bucket, a batch when a
-buffer is full. A finite pass (train.resampled: false, tools/encode_latents.py) ends with the partial
-buffers given as smaller batches, the one with the oldest waiting sample first, so every sample of a pass is
-seen once. Training batches them with `ldm.data.position.PositionedBatches` (the same batching, tagged with
-positions to resume from), which also empties the partial buffers at each epoch's end of an endless stream.
+`ldm.data.position.PositionedBatches` (shape_of="image", or "mean" for latents) turns such a stream into batches
+of one bucket each: one buffer per bucket, a batch when a buffer is full; at each epoch's end (and a finite
+pass's) the partial buffers go out as smaller batches, the one with the oldest waiting sample first, so every
+sample of a pass is seen once and none waits into another epoch.
 """
 from __future__ import annotations
 
 import json
 import math
 import random
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from common.errors import InputError
-from ldm.data.position import positioned_batches
 from ldm.images import to_rgb
 
 Bucket = tuple[int, int]  # (height, width) in pixels
@@ -149,41 +146,7 @@ def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "key": [item["key"] for item in items], **collate_sizes(items)}
 
 
-def bucket_batches(items: Iterable[dict[str, Any]], batch_size: int, *, shape_of: str,
-                   collate: Callable[[list[dict[str, Any]]], Any]) -> Iterator[Any]:
-    """Batches of `batch_size` items with the same shape of `item[shape_of]`: one buffer per shape, a batch
-    each time one fills; when `items` ends, the partial buffers as smaller batches, oldest waiting item first
-    (`ldm.data.position.positioned_batches`, without the positions)."""
-    events = ((0, index, item) for index, item in enumerate(items))
-    return (batch for batch, _, _ in positioned_batches(events, batch_size, shape_of=shape_of, collate=collate))
-
-
-class BucketBatches(IterableDataset):
-    """`dataset`'s samples as batches of one bucket each (`bucket_batches`); for a DataLoader with
-    `batch_size=None`. `shape_of` is the field whose shape is the bucket ("image", or "mean" for latents).
-    The wrapped stream's `skipped`, `source` and `urls` show through, for the trainer's messages."""
-
-    def __init__(self, dataset: IterableDataset, batch_size: int, *, collate: Callable[[list[dict[str, Any]]], Any],
-                 shape_of: str = "image"):
-        super().__init__()
-        self.dataset, self.batch_size, self.collate, self.shape_of = dataset, batch_size, collate, shape_of
-
-    def __iter__(self) -> Iterator[Any]:
-        return bucket_batches(iter(self.dataset), self.batch_size, shape_of=self.shape_of, collate=self.collate)
-
-    @property
-    def skipped(self) -> int:
-        return self.dataset.skipped
-
-    @property
-    def source(self) -> str:
-        return self.dataset.source
-
-    @property
-    def urls(self) -> list[str]:
-        return self.dataset.urls
-
-
 def unbatched(batch: Any) -> Any:
-    """The DataLoader's `collate_fn` for `BucketBatches` (batch_size=None): the batch as it is."""
+    """The DataLoader's `collate_fn` for batches made in the workers (`PositionedBatches`, batch_size=None): the
+    batch as it is."""
     return batch

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate
@@ -41,15 +41,21 @@ def _passes(loader: DataLoader) -> Iterator[Any]:
     for epoch in itertools.count():
         if hasattr(loader.dataset, "epoch"):
             loader.dataset.epoch = epoch
-        empty = True
-        try:
-            for batch in loader:
-                empty = False
-                yield batch
-        except InputError as exn:
-            raise InputError(worker_error_message(exn)) from None
-        if empty:
+        if (yield from _one_pass(loader)):
             raise _empty_pass_error(loader)
+
+
+def _one_pass(loader: DataLoader) -> Generator[Any, None, bool]:
+    """One pass over `loader`, an InputError raised in a loader worker unwrapped to its one line; returns whether
+    the pass gave no batch."""
+    empty = True
+    try:
+        for batch in loader:
+            empty = False
+            yield batch
+    except InputError as exn:
+        raise InputError(worker_error_message(exn)) from None
+    return empty
 
 
 def worker_error_message(exn: BaseException) -> str:
@@ -233,13 +239,7 @@ def _resumable_passes(loader: DataLoader, at: _Cursor) -> Iterator[dict[str, Any
         batched.epoch = at.epoch
         batched.rotation = 0 if at.last_worker is None else (at.last_worker + 1) % at.workers
         batched.starts = dict(at.positions) if at.resuming else {}
-        empty = True
-        try:
-            for batch in loader:
-                empty = False
-                yield batch
-        except InputError as exn:
-            raise InputError(worker_error_message(exn)) from None
+        empty = yield from _one_pass(loader)
         if empty and not at.resuming:  # a resumed pass may have been handed out whole already
             raise _empty_pass_error(loader)
         # The pass is over (resampled=False): the next epoch, from its start, worker 0 first.

@@ -17,7 +17,9 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str)
     """
     snr = alpha_bar / (1 - alpha_bar)
     clipped = snr.clamp(max=gamma)
-    return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[parameterization]
+    # the eps weight's limit at SNR 0 (a zero-terminal-SNR schedule's last step) is 1, not 0 / 0
+    eps_weight = torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    return {"eps": eps_weight, "v": clipped / (snr + 1), "x0": clipped}[parameterization]
 
 
 def diffusion_loss(model_fn: ModelFn, x0: torch.Tensor, schedule: NoiseSchedule, *, parameterization: str,

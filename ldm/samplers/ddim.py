@@ -45,7 +45,8 @@ def sample_plms(denoiser: DiscreteDenoiser, x: torch.Tensor, plan: Plan, *, gene
     """Pseudo linear multistep (PNDM, Liu et al. 2022, eqs. 12-13) on the DDIM step, as SD's PLMSSampler.
 
     The first step is a pseudo improved Euler (two model calls); later ones use Adams-Bashforth
-    combinations of up to four past eps. Deterministic: `generator` is not used.
+    combinations of up to four past eps. A step at SNR 0 is a DDIM step (below). Deterministic: `generator` is
+    not used.
     """
     timesteps = plan.timesteps
     alphas, alphas_prev = plan.alphas_cumprod[:-1], plan.alphas_cumprod[1:]
@@ -58,7 +59,15 @@ def sample_plms(denoiser: DiscreteDenoiser, x: torch.Tensor, plan: Plan, *, gene
     for i, t in enumerate(timesteps):
         if blend is not None:  # inpainting: re-noise the known region to this step
             x = blend(x, i)
-        _, eps = denoiser.predict(x, t)
+        x0, eps = denoiser.predict(x, t)
+        if alphas[i] == 0:
+            # SNR 0 (a zero-terminal-SNR schedule's first step, Lin et al. 2023): eps is x itself and says nothing
+            # of x0, so the eps-only step below would divide by sqrt(a) = 0. One DDIM step with the model's x0
+            # instead; the multistep history starts after it (the original sampler has no such schedule).
+            x = _ddim_step(x, eps, x0, alphas_prev[i].item(), 0.0, None)
+            if callback is not None:
+                callback({"i": i, "t": int(t), "x": x, "x0": x0})
+            continue
         if not old_eps:
             x_next, _ = step(x, eps, i)
             _, eps_next = denoiser.predict(x_next, timesteps[min(i + 1, len(timesteps) - 1)])

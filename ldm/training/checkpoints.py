@@ -35,7 +35,7 @@ from common.checkpoint import (
 )
 from common.errors import InputError
 from ldm.model import LatentDiffusion
-from ldm.training.distributed import full_tensors, state_of
+from ldm.training.distributed import full_tensors, lost_peer, state_of
 from ldm.training.ema import EMA
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -171,6 +171,19 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def lost_contact(exc: BaseException, root: Path) -> InputError | None:
+    """Under torchrun, the one-line error for `exc` when it means another rank is gone (a dead node or worker) or
+    stuck: it names the newest complete checkpoint under `root` and how to go on. None for any other error,
+    which the caller re-raises as it is."""
+    if not lost_peer(exc, int(os.environ.get("WORLD_SIZE", "1"))):
+        return None
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return InputError(f"rank {os.environ.get('RANK', '0')}: lost contact with another rank ({reason}): a node or "
+                      f"worker died or stopped answering; the newest complete checkpoint is "
+                      f"{latest_checkpoint(Path(root)) or 'none yet'}: relaunch the same command with --resume "
+                      "(torchrun --max-restarts N relaunches by itself)")
 
 
 def checkpoint_problem(folder: Path) -> str | None:
