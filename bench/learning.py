@@ -54,6 +54,7 @@ from learning_data import (  # bench/learning_data.py
     DataSet,
     joint_label,
     judge_labels,
+    layout_leak,
     save_joint_judge,
     train_judge,
 )
@@ -128,6 +129,10 @@ RECIPES = {r.name: r for r in [
     # and Sample Steps are Flawed"). Their fix: rescale to zero terminal SNR, v-prediction, trailing timesteps.
     Recipe("new-zsnr", "new with a zero-terminal-SNR schedule, v-prediction and trailing timesteps (Lin et al. 2023)",
            ZSNR, latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
+    Recipe("new-v-plain", "new with v-prediction and without min-SNR weights, on SD's schedule (new-zsnr-plain "
+                          "without zero terminal SNR)", {"model.diffusion.parameterization": "v",
+                                                         "train.min_snr_gamma": "null"},
+           latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
     Recipe("new-zsnr-plain", "new-zsnr without min-SNR weights (its v weight min(SNR, 5) / (SNR + 1) is 0 at SNR "
                              "0, where the layout is decided)", {**ZSNR, "train.min_snr_gamma": "null"},
            latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
@@ -393,7 +398,7 @@ def main() -> None:
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="ldm-learning-")
     work = Path(args.work or tmp.name)
-    lines, sweep_lines = [], []
+    lines, sweep_lines, leak_lines = [], [], []
     try:
         for name in datasets:
             data = DATASETS[name]()
@@ -402,6 +407,12 @@ def main() -> None:
             judge, held = train_judge(data)
             judge_real, judge_recon = judge_checks(data, judge, held, info["ae"])
             spread = {name: real_diversity(data, max(per_prompt, 8))}
+            if (leak := layout_leak(data, info["ae"])) is not None:
+                leak_lines.append(f"- {name}: a linear probe reads the position from x_T (the latent noised to t = "
+                                  f"T - 1) for {leak['scaled_linear']:.1%} of held-out images under SD's "
+                                  f"scaled_linear schedule, {leak['zero terminal SNR']:.1%} with zero terminal "
+                                  f"SNR; chance {leak['chance']:.1%} (bench/learning_data.py, layout_leak)")
+                print(f"[{name}] {leak_lines[-1][2:]}")
             print(f"[{name}] {len(data.images)} images, {len(data.prompts())} prompts; judge: {judge_real:.1%} on "
                   f"held-out real images, {judge_recon:.1%} on their reconstructions; autoencoder "
                   f"{info['ae_s'] / 60:.1f} min")
@@ -454,6 +465,7 @@ def main() -> None:
         "match during training |",
         "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |",
         *lines,
+        *(["", "What the noise at the last step leaves of the layout:", "", *leak_lines] if leak_lines else []),
         *(["", "How the last recipe's model is sampled (`--eval-sweep`): the same model and judge, other samplers, "
            "steps and guidance scales.", "",
            "| data | sampler | steps | scale | match | worst | diversity | gen img/s |",

@@ -189,3 +189,46 @@ def joint_label(labels: tuple[int, ...], attributes: list[tuple[str, list[str]]]
     for value, (_, names) in zip(labels, attributes):
         index = index * len(names) + value
     return index
+
+
+# What the noise leaves of the layout.
+
+def layout_leak(data: DataSet, ae_path: str, seed: int = 0) -> dict[str, float] | None:
+    """`probe_layout` on `data`'s latents (the autoencoder at `ae_path`, times its scale factor, as training sees
+    them); None for data without a "position" attribute."""
+    names = [name for name, _ in data.attributes]
+    if "position" not in names:
+        return None
+    import torch
+
+    import ldm
+
+    ae = ldm.load_autoencoder(ae_path)
+    x = torch.from_numpy(data.images).float() / 255 * 2 - 1
+    with torch.no_grad():
+        z = torch.cat([ae.encode(chunk).mode() for chunk in x.split(256)]) * ae.config.scale_factor
+    position = names.index("position")
+    return probe_layout(z, data.labels[:, position], len(data.attributes[position][1]), seed)
+
+
+def probe_layout(z, positions: np.ndarray, classes: int, seed: int = 0) -> dict[str, float]:
+    """How well a linear probe (logistic regression, trained on 3/4 of the latents `z`, scored on the rest) reads
+    each one's position from it noised to the last training step t = T - 1, under SD's scaled_linear schedule
+    and under its zero-terminal-SNR rescaling (Lin et al. 2023); "chance" is 1 / `classes`. What the probe reads
+    from the noise a model can learn to take from it instead of from the prompt; pure noise at sampling time then
+    places things at random."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from ldm.diffusion.schedule import NoiseSchedule
+
+    order = np.random.default_rng(seed).permutation(len(positions))
+    z, y, n = z[order].double(), positions[order], len(positions) * 3 // 4
+    out = {"chance": 1 / classes}
+    for name, zsnr in (("scaled_linear", False), ("zero terminal SNR", True)):
+        a = NoiseSchedule.make(zero_terminal_snr=zsnr).alphas_cumprod[-1].double()
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        x_T = (a.sqrt() * z + (1 - a).sqrt() * noise).flatten(1).numpy()
+        probe = LogisticRegression(C=0.1, max_iter=2000).fit(x_T[:n], y[:n])
+        out[name] = float(probe.score(x_T[n:], y[n:]))
+    return out
