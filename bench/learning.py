@@ -126,7 +126,8 @@ RECIPES = {r.name: r for r in [
     # SD's scaled_linear schedule keeps sqrt(alpha_bar_T) = 0.068 of the image at t = T; over a 4x4x4 latent
     # quadrant that is enough to read where a shape is, so a model learns to take the layout from the noise, and
     # pure noise at sampling time then places it at random (Lin et al. 2023, "Common Diffusion Noise Schedules
-    # and Sample Steps are Flawed"). Their fix: rescale to zero terminal SNR, v-prediction, trailing timesteps.
+    # and Sample Steps are Flawed": rescale to zero terminal SNR, v-prediction, trailing timesteps). Measured
+    # (README, Learning efficiency): that alone does not help while min-SNR weights stay; without them it does.
     Recipe("new-zsnr", "new with a zero-terminal-SNR schedule, v-prediction and trailing timesteps (Lin et al. 2023)",
            ZSNR, latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
     Recipe("new-v-plain", "new with v-prediction and without min-SNR weights, on SD's schedule (new-zsnr-plain "
