@@ -66,17 +66,24 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from common.errors import InputError  # noqa: E402
 from ldm.cli import run_cli  # noqa: E402
 
-# The recipes. Each is today's tiny recipe (configs/ldm/tiny.yaml as it was before this benchmark) plus changes;
-# today's values are pinned here so that `today` stays today's after the config's defaults move.
+# The recipes. Each is a pinned base plus changes: today's tiny recipe (configs/ldm/tiny.yaml as it was before this
+# benchmark) or the first new one (as it was from the first measurement until zero terminal SNR), so that their
+# names keep their meaning after the config's defaults move; `new` is configs/ldm/tiny.yaml as it is now.
 
 TODAY = {"train.lr": "2e-4", "train.warmup_steps": "100", "train.batch_size": "16", "train.ema_decay": "0.999",
          "train.random_flip": "true", "train.min_snr_gamma": "null", "model.diffusion.parameterization": "eps",
-         "train.ema_warmup": "true"}
+         "train.ema_warmup": "true", "model.diffusion.zero_terminal_snr": "false",
+         "model.diffusion.timestep_spacing": "null"}
+LATENTS = {"train.random_flip": "false"}  # what the cached-latent recipes change (no flips there anyway)
+FIRST_NEW = {**TODAY, **LATENTS, "train.lr": "1e-3", "train.min_snr_gamma": "5"}
+ZSNR = {"model.diffusion.zero_terminal_snr": "true", "model.diffusion.parameterization": "v",
+        "model.diffusion.timestep_spacing": "trailing"}
 
 
 @dataclass
 class Recipe:
-    """Overrides on top of TODAY, the data path (images or cached latents), steps, and how it samples."""
+    """Overrides: `base` (None: configs/ldm/tiny.yaml as it is now) plus `changes`; the data path (images or cached
+    latents), steps, and how it samples."""
 
     name: str
     about: str
@@ -86,15 +93,17 @@ class Recipe:
     sampler: str = "ddim"
     sample_steps: int = 25
     scale: float = 5.0
-    pinned: bool = True  # False: configs/ldm/tiny.yaml as it is now, not TODAY
+    base: dict[str, str] | None = field(default_factory=lambda: TODAY)
 
     def overrides(self) -> list[str]:
-        return [f"{k}={v}" for k, v in {**(TODAY if self.pinned else {}), **self.changes}.items()]
+        return [f"{k}={v}" for k, v in {**(self.base or {}), **self.changes}.items()]
 
 
-LATENTS = {"train.random_flip": "false"}  # what the cached-latent recipes change (no flips there anyway)
-ZSNR = {"model.diffusion.zero_terminal_snr": "true", "model.diffusion.parameterization": "v",
-        "model.diffusion.timestep_spacing": "trailing"}
+def _on_first_new(name: str, about: str, changes: dict[str, str] | None = None) -> Recipe:
+    """A recipe on top of the first new one, sampled as it was (DPM++ 2M Karras, 20 steps, scale 5)."""
+    return Recipe(name, about, changes or {}, latents=True, base=FIRST_NEW, sampler="dpmpp_2m_karras",
+                  sample_steps=20)
+
 
 RECIPES = {r.name: r for r in [
     Recipe("today", "configs/ldm/tiny.yaml before: lr 2e-4, warm-up 100, batch 16, random flips, eps, EMA 0.999; "
@@ -111,36 +120,35 @@ RECIPES = {r.name: r for r in [
            latents=True, steps=375),
     Recipe("combo", "latents with lr 1e-3 and min-SNR 5", {**LATENTS, "train.lr": "1e-3", "train.min_snr_gamma": "5"},
            latents=True),
-    Recipe("new", "the new tiny recipe (configs/ldm/tiny.yaml now)", latents=True, pinned=False,
-           sampler="dpmpp_2m_karras", sample_steps=20),
-    # one change on top of the new recipe each: does it still help?
-    Recipe("new-v-pred", "new with v-prediction", {"model.diffusion.parameterization": "v"}, latents=True,
-           pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
-    Recipe("new-lr-2e-3", "new with lr 2e-3", {"train.lr": "2e-3"}, latents=True, pinned=False,
-           sampler="dpmpp_2m_karras", sample_steps=20),
-    Recipe("new-no-ema-warmup", "new with a constant EMA decay 0.999 (no LitEma warm-up: the average starts at the "
-                                "random initial weights)", {"train.ema_warmup": "false"}, latents=True, pinned=False,
-           sampler="dpmpp_2m_karras", sample_steps=20),
-    Recipe("new-fp32", "new in fp32 (precision auto is bf16 autocast on this CPU, which has native bf16)",
-           {"train.precision": "fp32"}, latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
+    _on_first_new("first-new", "the first new tiny recipe (configs/ldm/tiny.yaml until zero terminal SNR): combo "
+                               "sampled with DPM++ 2M Karras 20 steps"),
+    # one change on top of the first new recipe each: does it still help?
+    _on_first_new("new-v-pred", "first-new with v-prediction", {"model.diffusion.parameterization": "v"}),
+    _on_first_new("new-lr-2e-3", "first-new with lr 2e-3", {"train.lr": "2e-3"}),
+    _on_first_new("new-no-ema-warmup", "first-new with a constant EMA decay 0.999 (no LitEma warm-up: the average "
+                                       "starts at the random initial weights)", {"train.ema_warmup": "false"}),
+    _on_first_new("new-fp32", "first-new in fp32 (precision auto is bf16 autocast on this CPU, which has native bf16)",
+                  {"train.precision": "fp32"}),
     # SD's scaled_linear schedule keeps sqrt(alpha_bar_T) = 0.068 of the image at t = T; over a 4x4x4 latent
     # quadrant that is enough to read where a shape is, so a model learns to take the layout from the noise, and
     # pure noise at sampling time then places it at random (Lin et al. 2023, "Common Diffusion Noise Schedules
     # and Sample Steps are Flawed": rescale to zero terminal SNR, v-prediction, trailing timesteps). Measured
     # (README, Learning efficiency): that alone does not help while min-SNR weights stay; without them it does.
-    Recipe("new-zsnr", "new with a zero-terminal-SNR schedule, v-prediction and trailing timesteps (Lin et al. 2023)",
-           ZSNR, latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
-    Recipe("new-v-plain", "new with v-prediction and without min-SNR weights, on SD's schedule (new-zsnr-plain "
-                          "without zero terminal SNR)", {"model.diffusion.parameterization": "v",
-                                                         "train.min_snr_gamma": "null"},
-           latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
-    Recipe("new-zsnr-plain", "new-zsnr without min-SNR weights (its v weight min(SNR, 5) / (SNR + 1) is 0 at SNR "
-                             "0, where the layout is decided)", {**ZSNR, "train.min_snr_gamma": "null"},
-           latents=True, pinned=False, sampler="dpmpp_2m_karras", sample_steps=20),
+    _on_first_new("new-zsnr", "first-new with a zero-terminal-SNR schedule, v-prediction and trailing timesteps "
+                              "(Lin et al. 2023)", ZSNR),
+    _on_first_new("new-v-plain", "first-new with v-prediction and without min-SNR weights, on SD's schedule "
+                                 "(new-zsnr-plain without zero terminal SNR)",
+                  {"model.diffusion.parameterization": "v", "train.min_snr_gamma": "null"}),
+    _on_first_new("new-zsnr-plain", "new-zsnr without min-SNR weights (its v weight min(SNR, 5) / (SNR + 1) is 0 "
+                                    "at SNR 0, where the layout is decided)", {**ZSNR, "train.min_snr_gamma": "null"}),
+    Recipe("new", "the new tiny recipe (configs/ldm/tiny.yaml now: new-zsnr-plain), sampled at scale 2", latents=True,
+           base=None, sampler="dpmpp_2m_karras", sample_steps=20, scale=2.0),
 ]}
 
 
 # The pipeline: our tools, as subprocesses.
+
+TINY_SHA = hashlib.sha256((REPO / "configs/ldm/tiny.yaml").read_bytes()).hexdigest()  # a model of the config now
 
 def tool(*args: str, log: Path) -> float:
     """Run tools/<args>; its output goes to `log`; a failure stops the benchmark with the log's last lines."""
@@ -205,7 +213,7 @@ def train_recipe(recipe: Recipe, info: dict, folder: Path, steps: int, curve: li
     out = folder / f"{recipe.name}-{steps}"
     record = out / "bench.json"
     # reused only if trained on these data, this autoencoder and these settings
-    made_of = {"data": info.get("data"), "ae": info["ae"], "ae_steps": info["ae_steps"],
+    made_of = {"data": info.get("data"), "ae": info["ae"], "ae_steps": info["ae_steps"], "config": TINY_SHA,
                "overrides": [*recipe.overrides(), *curve], "latents": recipe.latents}
     done = record.is_file() and (out / "model.safetensors").is_file()
     if not (done and json.loads(record.read_text()).get("made_of") == made_of):
@@ -280,8 +288,8 @@ def score(recipe: Recipe, data: DataSet, judge, ckpt: Path, per_prompt: int, rea
     return row
 
 
-SWEEP = [("ddim", 25, 5.0), ("dpmpp_2m_karras", 10, 5.0), ("dpmpp_2m_karras", 20, 5.0), ("dpmpp_2m_karras", 20, 3.0),
-         ("dpmpp_2m_karras", 20, 7.5), ("euler_a", 20, 5.0)]
+SWEEP = [("ddim", 25, 5.0), ("dpmpp_2m_karras", 10, 5.0), ("dpmpp_2m", 10, 5.0), ("dpmpp_2m_karras", 20, 5.0),
+         ("dpmpp_2m_karras", 20, 2.0), ("dpmpp_2m_karras", 20, 3.0), ("dpmpp_2m_karras", 20, 7.5), ("euler_a", 20, 5.0)]
 
 
 def eval_sweep(recipe: Recipe, data: DataSet, judge, ckpt: Path, per_prompt: int, spread: dict) -> list[str]:

@@ -162,7 +162,7 @@ def test_a_run_logs_the_evaluation_and_trains_exactly_as_without(shards, classif
     result = train("--data", shards, "--out", str(tmp_path / "eval"), "--max-steps", "4", *common, "train.eval_every=2",
                    f"train.eval_classifier={classifier_file}", "train.eval_labels=[0, 2]")
     train("--data", shards, "--out", str(tmp_path / "plain"), "--max-steps", "4", *common)
-    assert "evaluation: 2 prompts x 2 images, 2 steps, scale 5 -> eval_accuracy, every 2 steps" in result.stdout
+    assert "evaluation: 2 prompts x 2 images, 2 steps, scale 2 -> eval_accuracy, every 2 steps" in result.stdout
     assert "step 2: eval_accuracy " in result.stdout and "step 4: eval_accuracy " in result.stdout  # one line each
     rows = rows_of(tmp_path / "eval")
     evaluated = [row for row in rows if row["eval_accuracy"]]
