@@ -148,10 +148,6 @@ RECIPES = {r.name: r for r in [
 
 # The pipeline: our tools, as subprocesses.
 
-# a trained model is reused only if made from configs/ldm/tiny.yaml as it is now (`new` has no overrides to tell)
-TINY_SHA = hashlib.sha256((REPO / "configs/ldm/tiny.yaml").read_bytes()).hexdigest()
-
-
 def tool(*args: str, log: Path) -> float:
     """Run tools/<args>; its output goes to `log`; a failure stops the benchmark with the log's last lines."""
     start = time.perf_counter()
@@ -215,7 +211,9 @@ def train_recipe(recipe: Recipe, info: dict, folder: Path, steps: int, curve: li
     out = folder / f"{recipe.name}-{steps}"
     record = out / "bench.json"
     # reused only if trained on these data, this autoencoder and these settings
-    made_of = {"data": info.get("data"), "ae": info["ae"], "ae_steps": info["ae_steps"], "config": TINY_SHA,
+    # the config's hash too: `new` has no overrides, so only the file tells an old config's model from today's
+    config = hashlib.sha256((REPO / "configs/ldm/tiny.yaml").read_bytes()).hexdigest()
+    made_of = {"data": info.get("data"), "ae": info["ae"], "ae_steps": info["ae_steps"], "config": config,
                "overrides": [*recipe.overrides(), *curve], "latents": recipe.latents}
     done = record.is_file() and (out / "model.safetensors").is_file()
     if not (done and json.loads(record.read_text()).get("made_of") == made_of):
