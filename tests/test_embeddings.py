@@ -117,6 +117,10 @@ def test_names_are_the_file_names_and_hashes_are_a1111s(encoder, tmp_path):
     assert used_embeddings(encoder, ["a photo of my-cat", "(my-cat:1.2) and a dog"]) == {"my-cat": digest}
     assert used_embeddings(encoder, "a photo of a cat") == {}
     assert "2 embeddings loaded" in report.describe()
+    # what A1111's GET /sdapi/v1/embeddings lists of each: the .pt's training record (none in a .safetensors)
+    pt, st = report.files["my-cat"], report.files[NAME]
+    assert (pt.step, pt.sd_checkpoint, pt.sd_checkpoint_name, pt.width, pt.count) == (500, "0123abcd", "v1-5", 32, 1)
+    assert (st.step, st.sd_checkpoint, st.width, st.count) == (None, None, 32, 2)
 
 
 def test_sdxl_pair_applies_to_both_towers(tmp_path):
@@ -124,7 +128,8 @@ def test_sdxl_pair_applies_to_both_towers(tmp_path):
     clip_l, big_g = conditioner.towers
     save_file({"clip_l": token_rows(clip_l, "red cat"), "clip_g": token_rows(big_g, "red cat")},
               tmp_path / f"{NAME}.safetensors")
-    assert load_embeddings(conditioner, tmp_path).loaded == {NAME: 2}
+    report = load_embeddings(conditioner, tmp_path)
+    assert report.loaded == {NAME: 2} and report.files[NAME].width == 32 + 16  # A1111's shape: the pair's sum
     with torch.no_grad():
         got = conditioner.condition([f"a {NAME}"], image_size=(64, 64))
         want = conditioner.condition(["a red cat"], image_size=(64, 64))
@@ -151,6 +156,7 @@ def test_wrong_width_is_an_input_error_naming_the_file_and_widths(encoder, tmp_p
     write_a1111_safetensors(tmp_path / f"{NAME}.safetensors", torch.randn(1, 32))
     report = load_embeddings(encoder, tmp_path)
     assert report.loaded == {NAME: 1} and "width 48" in report.skipped["sd1-style"]
+    assert report.files["sd1-style"].width == 48  # read, then skipped: listed with its width
     with pytest.raises(InputError, match=r"names 'sd1-style'.*width 48"):
         encoder.condition(["a sd1-style cat"])
     with torch.no_grad():

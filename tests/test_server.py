@@ -1,5 +1,6 @@
 """tools/serve.py against the real A1111 client (`webuiapi`) and raw HTTP: generation, models, progress,
-interrupt, the queue, bad input of every kind, disconnecting clients, auth and shutdown."""
+interrupt and skip, embeddings, the queue, bad input of every kind, disconnecting clients, auth, flags and
+shutdown."""
 from __future__ import annotations
 
 import base64
@@ -15,10 +16,13 @@ import time
 import numpy as np
 import pytest
 import requests
+import torch
 import webuiapi
 from PIL import Image
 
+import ldm
 from ldm.formats.loading import DEFAULT_MODEL
+from ldm.text.tokenizer import _bpe
 
 from helpers import REPO, write_default_model_lora
 from live_server import start_server
@@ -26,19 +30,36 @@ from live_server import start_server
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A models folder with a second checkpoint (the default model under another name) and a LoRA folder."""
+    """A models folder with a second checkpoint (the default model under another name), a LoRA folder and an
+    embeddings folder: `zqxheart` (A1111 .pt) holds the default model's token vectors of "blue heart", so the
+    name in a prompt must draw what those words draw; `wide` is an SD 1.x-width file the model must skip."""
     root = tmp_path_factory.mktemp("server")
     (root / "models").mkdir()
     shutil.copy(DEFAULT_MODEL, root / "models" / "emoji-copy.safetensors")
     (root / "lora").mkdir()
     write_default_model_lora(root / "lora" / "strong.safetensors", seed=3)
+    (root / "embeddings").mkdir()
+    write_a1111_embedding(root / "embeddings" / "zqxheart.pt", token_vectors("blue heart"))
+    write_a1111_embedding(root / "embeddings" / "wide.pt", torch.randn(3, 768))
     return root
+
+
+def token_vectors(text: str) -> torch.Tensor:
+    """The default model's token embeddings of `text`: an embedding of them stands for those words."""
+    encoder = ldm.load_model().text_encoder
+    return encoder.model.token_embedding.weight[_bpe().encode(text)].detach().clone()
+
+
+def write_a1111_embedding(path, vectors: torch.Tensor) -> None:
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(vectors)},
+                "name": path.stem, "step": 500, "sd_checkpoint": "c061b48d51", "sd_checkpoint_name": "default"}, path)
 
 
 @pytest.fixture(scope="module")
 def server(folders):
     with start_server("--models-dir", str(folders / "models"), "--lora-dir", str(folders / "lora"),
-                      "--queue-size", "2", "--outdir", str(folders / "out")) as live:
+                      "--embeddings-dir", str(folders / "embeddings"), "--queue-size", "2",
+                      "--outdir", str(folders / "out")) as live:
         yield live
 
 
@@ -170,6 +191,65 @@ def test_progress_and_interrupt(api, server):
     assert interrupted.info["interrupted"] is True and 1 <= len(interrupted.images) < 8
     idle = api.get_progress()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["state"]["interrupted"] is True
+
+
+def test_skip_ends_the_batch_being_sampled_and_goes_on(api, server):
+    """/skip (A1111's): the batch being sampled returns its latest estimate, the next batches run in full, and the
+    request is not marked interrupted."""
+    result = {}
+    request = dict(prompt="red apple", width=32, height=32, seed=11, steps=150, sampler_name="DDIM", cfg_scale=5)
+    thread = threading.Thread(target=lambda: result.update(r=api.txt2img(n_iter=3, **request)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    progress = f"{server.api}/progress?skip_current_image=true"
+    while time.monotonic() < deadline and requests.get(progress, timeout=10).json()["state"]["sampling_step"] < 3:
+        time.sleep(0.02)
+    api.skip()
+    thread.join(120)
+    skipped = result["r"]
+    assert len(skipped.images) == 3 and skipped.info["interrupted"] is False
+    assert skipped.info["all_seeds"] == [11, 12, 13]
+    full = [api.txt2img(**{**request, "seed": seed}).image for seed in (11, 12)]
+    assert np.array_equal(pixels(skipped.images[1]), pixels(full[1]))  # the next batch ran all its steps
+    assert np.abs(pixels(skipped.images[0]) - pixels(full[0])).mean() > 5  # the first stopped early
+    assert api.get_progress()["state"]["skipped"] is False
+    post(server, "skip", {})  # with nothing running: nothing happens, as in A1111
+    assert api.txt2img(**{**request, "seed": 11, "steps": 8}).image.size == (32, 32)
+
+
+def test_embeddings_listed_applied_and_refreshed(api, server, folders):
+    """GET /embeddings in A1111's layout (loaded and skipped, with width, vector count and the .pt's training
+    record); a name in the prompt draws its vectors; a file added to the folder is read before the next
+    generation; refresh-embeddings rereads at once."""
+    listed = api.get_embeddings()
+    assert listed["loaded"] == {"zqxheart": {"step": 500, "sd_checkpoint": "c061b48d51",
+                                             "sd_checkpoint_name": "default", "shape": 256, "vectors": 2}}
+    assert list(listed["skipped"]) == ["wide"] and listed["skipped"]["wide"]["shape"] == 768
+    named = api.txt2img(prompt="zqxheart", width=32, height=32, seed=4, cfg_scale=5)
+    words = api.txt2img(prompt="blue heart", width=32, height=32, seed=4, cfg_scale=5)
+    plain = api.txt2img(prompt="zqxapple", width=32, height=32, seed=4, cfg_scale=5)
+    assert np.array_equal(pixels(named.image), pixels(words.image))
+    assert not np.array_equal(pixels(named.image), pixels(plain.image))
+    added = folders / "embeddings" / "zqxapple.safetensors"
+    from safetensors.torch import save_file
+    save_file({"emb_params": token_vectors("red apple")}, added)
+    try:
+        apple = api.txt2img(prompt="zqxapple", width=32, height=32, seed=4, cfg_scale=5)
+        assert np.array_equal(pixels(apple.image), pixels(api.txt2img(prompt="red apple", width=32, height=32,
+                                                                         seed=4, cfg_scale=5).image))
+        assert api.get_embeddings()["loaded"]["zqxapple"]["step"] is None
+    finally:
+        added.unlink()
+    assert post(server, "refresh-embeddings", {}).status_code == 200
+    assert set(api.get_embeddings()["loaded"]) == {"zqxheart"}
+
+
+def test_cmd_flags_report_the_command_line(api, server, folders):
+    flags = api.get_cmd_flags()
+    assert flags["embeddings_dir"] == str(folders / "embeddings") and flags["lora_dir"] == str(folders / "lora")
+    assert flags["ckpt_dir"] == flags["models_dir"] == str(folders / "models")
+    assert flags["port"] == server.port and flags["api"] is True and flags["queue_size"] == 2
+    assert flags["api_auth"] is None
 
 
 def test_png_info_reads_our_parameters(api):
@@ -310,6 +390,8 @@ def test_api_auth_and_page(tmp_path):
         api = webuiapi.WebUIApi(port=live.port, username="other", password="pw", steps=4)
         assert api.txt2img(prompt="red apple", width=32, height=32).image.size == (32, 32)
         assert requests.get(live.url + "/docs", auth=("me", "secret"), timeout=10).status_code == 200
+        flags = requests.get(f"{live.api}/cmd-flags", auth=("me", "secret"), timeout=10)
+        assert flags.json()["api_auth"] == "(set)" and "secret" not in flags.text  # never the password
 
 
 def test_sigterm_interrupts_the_running_job_and_exits_cleanly():

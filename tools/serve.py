@@ -66,6 +66,14 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def command_line_flags(args: argparse.Namespace, *, port: int) -> dict:
+    """GET /sdapi/v1/cmd-flags: the flags this server runs with, under their argparse names, with A1111's names
+    for the same things (`ckpt_dir` = --models-dir, `api`, `nowebui`); the port actually bound; the
+    --api-auth password never (A1111 shows it; here only whether auth is on)."""
+    return {**vars(args), "port": port, "api": True, "nowebui": False, "ckpt_dir": args.models_dir,
+            "api_auth": "(set)" if args.api_auth else None}
+
+
 def make_server(config: uvicorn.Config, worker: Worker) -> uvicorn.Server:
     """uvicorn's server that, on SIGINT / SIGTERM, also stops the worker: waiting requests are answered 503 and
     the running one is interrupted, so the shutdown does not wait for the queue to drain."""
@@ -144,7 +152,8 @@ def main() -> None:
     print(f"model: {models.current.title} on {device}", flush=True)
     worker = Worker(args.queue_size)
     limits = Limits(args.max_pixels, args.max_steps, args.max_images, args.native_scale_limit)
-    app = create_app(models, worker, limits, precision=args.precision, outdir=Path(args.outdir), auth=auth)
+    app = create_app(models, worker, limits, precision=args.precision, outdir=Path(args.outdir), auth=auth,
+                     flags=command_line_flags(args, port=sock.getsockname()[1]))
     if not is_loopback(host) and auth is None:
         print(f"warning: listening on {host} with no --api-auth: anyone on the network can use this server",
               file=sys.stderr, flush=True)

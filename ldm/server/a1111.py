@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import InputError
+from ldm.text.embeddings import EmbeddingReport
 
 # A1111's sampler names (and its aliases, k-diffusion's function names) -> ours. The schedule comes in the
 # separate `scheduler` field (A1111 >= 1.9): "Automatic" is each sampler's default, Karras et al. (2022)
@@ -42,6 +43,23 @@ def sampler_list() -> list[dict[str, Any]]:
     """GET /sdapi/v1/samplers: [{"name", "aliases", "options"}], A1111's layout."""
     return [{"name": name, "aliases": aliases, "options": {"scheduler": "karras"} if ours in KARRAS else {}}
             for name, (ours, aliases) in SAMPLERS.items()]
+
+
+def embedding_list(report: EmbeddingReport) -> dict[str, Any]:
+    """GET /sdapi/v1/embeddings: {"loaded": {name: details}, "skipped": {name: details}}, A1111's layout, where
+    details are {"step", "sd_checkpoint", "sd_checkpoint_name"} (what an A1111 .pt records of its training,
+    else None), "shape" (the vector width; an SDXL pair's two summed, as A1111 does) and "vectors" (how
+    many). A skipped file that could not be read at all has None for shape and vectors too."""
+    def details(key: str) -> dict[str, Any]:
+        embedding = report.files.get(key)
+        if embedding is None:
+            return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        return {"step": embedding.step, "sd_checkpoint": embedding.sd_checkpoint,
+                "sd_checkpoint_name": embedding.sd_checkpoint_name, "shape": embedding.width,
+                "vectors": embedding.count}
+
+    return {"loaded": {name: details(name) for name in report.loaded},
+            "skipped": {name: details(name) for name in report.skipped}}
 
 
 def resolve_sampler(name: str | None, scheduler: str | None = None) -> str:

@@ -26,7 +26,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from common.errors import InputError
-from ldm.server.a1111 import SCHEDULERS, GenerationRequest, Img2ImgRequest, sampler_list
+from ldm.server.a1111 import SCHEDULERS, GenerationRequest, Img2ImgRequest, embedding_list, sampler_list
 from ldm.server.jobs import OPTION_NAMES, VERSION, Limits, plan_request, png_info_response, run_plan
 from ldm.server.models import Models
 from ldm.server.worker import Job, Progress, QueueFull, ShuttingDown, Worker
@@ -37,8 +37,9 @@ log = logging.getLogger("ldm.server")
 
 def create_app(models: Models, worker: Worker, limits: Limits, *, precision: str = "auto",
                outdir: Path | None = None, auth: list[tuple[str, str]] | None = None,
-               max_body_bytes: int = 64 << 20) -> FastAPI:
-    """The application: the worker runs the jobs, `models` holds the model, `limits` bound each request."""
+               max_body_bytes: int = 64 << 20, flags: dict[str, Any] | None = None) -> FastAPI:
+    """The application: the worker runs the jobs, `models` holds the model, `limits` bound each request;
+    `flags`: what GET /sdapi/v1/cmd-flags reports (the server's command line)."""
     app = FastAPI(title="latent-diffusion-kit", version=VERSION,
                   description="AUTOMATIC1111-compatible API (/sdapi/v1) and a web page at /")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -137,7 +138,7 @@ def create_app(models: Models, worker: Worker, limits: Limits, *, precision: str
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
         current: Progress | None = worker.current
-        state = {"skipped": False, "interrupted": worker.last_interrupted if current is None else
+        state = {"skipped": current is not None and current.job.skipped.is_set(), "interrupted": worker.last_interrupted if current is None else
                  current.job.interrupted.is_set(), "stopping_generation": False,
                  "job": "" if current is None else f"{current.job.name} #{current.job.number}",
                  "job_count": worker.waiting + (current is not None), "job_timestamp": "", "job_no": worker.completed,
@@ -153,6 +154,25 @@ def create_app(models: Models, worker: Worker, limits: Limits, *, precision: str
     async def interrupt() -> dict[str, Any]:
         worker.interrupt()
         return {}
+
+    @app.post("/sdapi/v1/skip")
+    async def skip() -> None:
+        worker.skip()
+        return None
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings() -> dict[str, Any]:
+        return embedding_list(models.embeddings)
+
+    @app.post("/sdapi/v1/refresh-embeddings")
+    async def refresh_embeddings(request: Request) -> None:
+        await wait_for(request, worker.submit(lambda progress: models.refresh_embeddings(force=True),
+                                              "refresh embeddings"))
+        return None
+
+    @app.get("/sdapi/v1/cmd-flags")
+    async def cmd_flags() -> dict[str, Any]:
+        return dict(flags or {})
 
     @app.post("/sdapi/v1/png-info")
     async def png_info(body: dict[str, Any] = Body(...)) -> dict[str, Any]:

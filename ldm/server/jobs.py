@@ -4,7 +4,8 @@
 once, naming the field), against the server's limits and the loaded model's sizes;
 `run_plan` runs on the model worker: `n_iter` batches of `batch_size` images, image k with seed
 seed + k, each PNG with our metadata. /interrupt stops at the next step and, as A1111, returns the
-batch's latest denoised estimate decoded.
+batch's latest denoised estimate decoded; /skip does the same for the batch being sampled and goes on
+with the next.
 
 Sizes far beyond a model's native size (A1111 clients send 512 x 512 unless told otherwise; the
 default model draws at 32 x 32 and would take minutes there to draw a tiled mess) are sampled at the
@@ -36,7 +37,7 @@ from ldm.images import open_image, to_rgb, to_uint8
 from ldm.pipeline import LAST_SEED, MAX_SEED, native_size
 from ldm.server.a1111 import A1111_NAMES, GenerationRequest, Img2ImgRequest, parse_infotext, resolve_sampler
 from ldm.server.models import Checkpoint, Models
-from ldm.server.worker import Interrupted, Progress
+from ldm.server.worker import Interrupted, Progress, Skipped
 
 VERSION = "latent-diffusion-kit 0.1.0"
 
@@ -169,6 +170,7 @@ def run_plan(plan: Plan, progress: Progress, models: Models, limits: Limits, *, 
     """On the worker: load the model asked for, merge the LoRAs, generate, answer as A1111 does."""
     previous = models.current
     model = models.load(plan.checkpoint)
+    models.refresh_embeddings()  # files added to the embeddings folder since are usable at once, as in A1111
     try:
         return _generate(plan, progress, models, model, limits, precision=precision, outdir=outdir)
     finally:
@@ -198,6 +200,7 @@ def _generate(plan, progress, models, model, limits, *, precision, outdir) -> di
     images, interrupted = [], False
     for iteration in range(request.n_iter):
         progress.text = f"batch {iteration + 1} of {request.n_iter}"
+        progress.job.skipped.clear()  # a skip that came between batches is spent, as in A1111
         latest: dict[str, torch.Tensor] = {}
 
         def callback(state: dict) -> None:
@@ -214,12 +217,15 @@ def _generate(plan, progress, models, model, limits, *, precision, outdir) -> di
                                          batch_size=request.batch_size, height=sample_height, width=sample_width,
                                          init_image=plan.init_image, strength=strength, mask=plan.mask,
                                          callback=callback)
-        except Interrupted:
-            interrupted = True
+        except Interrupted as stop:
             if "x0" in latest:  # A1111: the batch's latest denoised estimate
                 for k, image in enumerate(_decode(model, latest["x0"])):
                     image.info.update(prompt=plan.prompt, negative_prompt=request.negative_prompt, seed=seed + k)
                     images.append(image)
+            if isinstance(stop, Skipped):
+                progress.done = per_batch * (iteration + 1)
+                continue
+            interrupted = True
             break
     return _response(plan, model, models, images, (width, height), (sample_width, sample_height), lora_hashes,
                      interrupted=interrupted, outdir=outdir)

@@ -8,6 +8,7 @@ file takes a while) and the path. The embedded default model is always offered.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ldm.cli.generate import LORA_SUFFIXES, apply_loras
 from ldm.formats.loading import DEFAULT_MODEL, load_model
 from ldm.model import LatentDiffusion
 from ldm.pipeline import native_size
-from ldm.text.embeddings import load_embeddings
+from ldm.text.embeddings import EMBEDDING_SUFFIXES, EmbeddingReport, load_embeddings
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -79,11 +80,16 @@ class Models:
                  precision: str = "auto"):
         self.models_dir = Path(models_dir) if models_dir else None
         self.lora_dir = Path(lora_dir) if lora_dir else None
-        self.embeddings_dir = embeddings_dir
+        self.embeddings_dir = Path(embeddings_dir) if embeddings_dir else None
+        self.embeddings = EmbeddingReport()  # what the loaded model has of the folder (GET /sdapi/v1/embeddings)
+        self._embeddings_seen: tuple = ()    # the folder's files (name, size, mtime) when it was last read
         self.device, self.precision = device, precision
         generation_precision(precision, device)  # fails now on a precision the device cannot do
         if self.models_dir is not None and not self.models_dir.is_dir():
             raise InputError(f"--models-dir {self.models_dir} is not a folder: give the folder of checkpoints")
+        if self.embeddings_dir is not None and not self.embeddings_dir.is_dir():
+            raise InputError(f"--embeddings-dir {self.embeddings_dir} is not a folder: give the folder of "
+                             "textual-inversion embeddings")
         if self.lora_dir is not None and not self.lora_dir.is_dir():
             raise InputError(f"--lora-dir {self.lora_dir} is not a folder: give the folder of LoRA files")
         if ckpt is not None and not Path(ckpt).exists():
@@ -135,8 +141,8 @@ class Models:
         if missing:
             raise InputError(f"{checkpoint.filename} has no {' and no '.join(missing)}: the server needs a full "
                              "text-to-image model")
-        if self.embeddings_dir is not None:
-            load_embeddings(model.text_encoder, self.embeddings_dir)
+        self._embeddings_seen = ()
+        self.refresh_embeddings(model)
         if generation_precision(self.precision, self.device, model)[0] == "bf16" and self.device.type == "cpu":
             cast_for_cpu_bf16(model)
         if checkpoint.sha256 is None:
@@ -144,6 +150,23 @@ class Models:
         self.model, self.current, self.loras, self.lora_hashes = model.eval(), checkpoint, (), None
         self.native_size, self.size_multiple = native_size(model), model.size_multiple
         return model
+
+    def refresh_embeddings(self, model: LatentDiffusion | None = None, *, force: bool = False) -> None:
+        """(Re)load the embeddings folder into `model` (default: the loaded one) if its files changed since it was
+        last read, or if `force`; A1111 also rereads its folder before each generation when it changed."""
+        model = model or self.model
+        if self.embeddings_dir is None or model is None:
+            return
+        seen = []
+        for path in sorted(self.embeddings_dir.rglob("*")):
+            if path.suffix in EMBEDDING_SUFFIXES:
+                with contextlib.suppress(OSError):  # a file removed meanwhile is simply not there
+                    stat = path.stat()
+                    seen.append((str(path), stat.st_size, stat.st_mtime_ns))
+        seen = tuple(seen)
+        if force or seen != self._embeddings_seen:
+            self.embeddings = load_embeddings(model.text_encoder, self.embeddings_dir)
+            self._embeddings_seen = seen
 
     def use_loras(self, requests: list[tuple[Path, float]]) -> str | None:
         """Merge exactly `requests` into the loaded model (unmerging others); the "Lora hashes" value."""

@@ -3,7 +3,8 @@
 The HTTP side submits a job (a function of a `Progress`) and awaits its future; the worker thread
 runs jobs in order. A full queue refuses at once (`QueueFull`, the server's 503 with Retry-After).
 A job cancelled before it starts (its client went away) is dropped from the queue; cancelling the
-running job interrupts it at its next sampling step, as A1111's /interrupt does. Everything a job
+running job interrupts it at its next sampling step, as A1111's /interrupt does; /skip ends only the
+batch being sampled (the job goes on with the next), as A1111's. Everything a job
 raises goes to its own future, so no request can stop the worker.
 """
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Interrupted(Exception):
     """Raised inside a job at a sampling step after /interrupt, a cancel, or a shutdown."""
 
 
+class Skipped(Interrupted):
+    """Raised inside a job at a sampling step after /skip: the batch being sampled ends there, the job goes on."""
+
+
 class ShuttingDown(Exception):
     """A queued job was dropped because the server is stopping."""
 
@@ -51,6 +56,9 @@ class Progress:
     def step(self, preview: Callable[[], Any] | None = None) -> None:
         if self.job.interrupted.is_set():
             raise Interrupted()
+        if self.job.skipped.is_set():
+            self.job.skipped.clear()
+            raise Skipped()
         self.done += 1
         self.preview = preview
 
@@ -75,6 +83,7 @@ class Job:
     number: int
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     interrupted: threading.Event = field(default_factory=threading.Event)
+    skipped: threading.Event = field(default_factory=threading.Event)  # /skip: end the batch being sampled
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -130,10 +139,17 @@ class Worker:
 
     def interrupt(self) -> bool:
         """Stop the running job at its next step (A1111's /interrupt); False if none runs."""
+        return self._tell_running("interrupted")
+
+    def skip(self) -> bool:
+        """End the batch the running job samples now and go on with its next (A1111's /skip); False if none runs."""
+        return self._tell_running("skipped")
+
+    def _tell_running(self, event: str) -> bool:
         current = self.current
         if current is None:
             return False
-        current.job.interrupted.set()
+        getattr(current.job, event).set()
         return True
 
     @property

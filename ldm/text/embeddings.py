@@ -50,10 +50,18 @@ class Embedding:
     path: Path
     vectors: dict[str, torch.Tensor]
     shorthash: str   # A1111's "TI hashes": the first 10 hex digits of the file's sha256
+    step: int | None = None                # what an A1111 .pt records of its training, where it does
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
 
     @property
     def count(self) -> int:
         return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def width(self) -> int:
+        """A1111's "shape": the vector width, summed over an SDXL pair's two sets (768 + 1280)."""
+        return sum(v.shape[1] for v in self.vectors.values())
 
 
 def read_embedding(path: str | Path) -> Embedding:
@@ -63,7 +71,12 @@ def read_embedding(path: str | Path) -> Embedding:
         raise InputError(f"embedding {path}: unknown file type {path.suffix!r}; use {', '.join(EMBEDDING_SUFFIXES)}")
     data = read_checkpoint(path)[0] if path.suffix == ".safetensors" else _read_pickle(path)
     shorthash = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    return Embedding(path.stem, path, _vectors_of(data, path), shorthash)
+    embedding = Embedding(path.stem, path, _vectors_of(data, path), shorthash)
+    step = data.get("step")  # A1111's .pt: its training step and the checkpoint it was trained on
+    embedding.step = step if isinstance(step, int) and not isinstance(step, bool) else None
+    for key in ("sd_checkpoint", "sd_checkpoint_name"):
+        setattr(embedding, key, data[key] if isinstance(data.get(key), str) else None)
+    return embedding
 
 
 def _read_pickle(path: Path) -> Any:
@@ -174,10 +187,12 @@ def added_tokens(tower: Any) -> AddedTokens | None:
 
 @dataclass
 class EmbeddingReport:
-    """What `load_embeddings` did: {name: number of vectors} loaded, {name: reason} skipped."""
+    """What `load_embeddings` did: {name: number of vectors} loaded, {name: reason} skipped, and the `Embedding`
+    read from each file that could be read, under the same keys (a skipped file of another width, say)."""
 
     loaded: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Embedding] = field(default_factory=dict)
 
     def describe(self) -> str:
         lines = [f"textual inversion: {len(self.loaded)} embeddings loaded"
@@ -263,7 +278,7 @@ def load_embeddings(text_encoder: Any, sources: str | Path | Sequence[str | Path
     rows: list[list[torch.Tensor]] = [[] for _ in towers]
     report, taken = EmbeddingReport(), {}
     for path, named in files:
-        name = path.stem
+        name, embedding = path.stem, None
         try:
             if name in taken:
                 raise InputError(f"embedding {path}: the name {name!r} is already {taken[name]}'s")
@@ -273,7 +288,10 @@ def load_embeddings(text_encoder: Any, sources: str | Path | Sequence[str | Path
         except InputError as exc:
             if named:
                 raise
-            report.skipped[name if name not in report.skipped else str(path)] = str(exc)
+            key = name if name not in report.skipped else str(path)
+            report.skipped[key] = str(exc)
+            if embedding is not None:
+                report.files[key] = embedding
             if name not in taken:
                 for table, (tower, _) in zip(tables, towers):
                     ids = _bpe(tower.bpe).encode(name)
@@ -286,6 +304,7 @@ def load_embeddings(text_encoder: Any, sources: str | Path | Sequence[str | Path
             tower_rows.append(vectors)
             table.add(_Entry(name, ids, [-1 - k for k in range(first, first + len(vectors))], embedding.shorthash))
         report.loaded[name] = embedding.count
+        report.files[name] = embedding
     for (tower, _), table, tower_rows in zip(towers, tables, rows):
         if tower_rows:
             owner = _token_embedding_owner(tower)
