@@ -210,4 +210,7 @@ def test_txt2img_embeddings_dir_loads_the_folder_and_uses_the_token(tmp_path, mo
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "txt2img.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "textual inversion: 1 embeddings loaded (zqxstyle)" in out
-    assert (tmp_path / "out" / "samples" / "00000.png").is_file()
+    from PIL import Image
+    digest = hashlib.sha256((tmp_path / "emb" / "zqxstyle.safetensors").read_bytes()).hexdigest()[:10]
+    parameters = Image.open(tmp_path / "out" / "samples" / "00000.png").text["parameters"]
+    assert parameters.endswith(f'TI hashes: "zqxstyle: {digest}"')  # A1111's record of the embeddings used

@@ -4,6 +4,7 @@ shutdown."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -147,8 +148,6 @@ def test_webuiapi_img2img_and_inpainting(api):
 def test_options_models_and_switching(api, server):
     """sd-models lists the default model and the folder's; POST options switches sd_model_checkpoint (as
     webuiapi's util_set_model does) and override_settings switches for one request only."""
-    import hashlib
-
     short = hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest()[:10]  # A1111's title: name [sha256[:10]]
     titles = api.util_get_model_names()
     assert any(t.startswith("default.safetensors") for t in titles)
@@ -229,6 +228,9 @@ def test_embeddings_listed_applied_and_refreshed(api, server, folders):
     words = api.txt2img(prompt="blue heart", width=32, height=32, seed=4, cfg_scale=5)
     plain = api.txt2img(prompt="zqxapple", width=32, height=32, seed=4, cfg_scale=5)
     assert np.array_equal(pixels(named.image), pixels(words.image))
+    digest = hashlib.sha256((folders / "embeddings" / "zqxheart.pt").read_bytes()).hexdigest()[:10]
+    assert f'TI hashes: "zqxheart: {digest}"' in named.info["infotexts"][0]
+    assert "TI hashes" not in words.info["infotexts"][0]
     assert not np.array_equal(pixels(named.image), pixels(plain.image))
     added = folders / "embeddings" / "zqxapple.safetensors"
     from safetensors.torch import save_file

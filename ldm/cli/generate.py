@@ -36,6 +36,7 @@ from ldm.images import make_grid
 from ldm.model import LatentDiffusion
 from ldm.pipeline import LAST_SEED, resolve_size
 from ldm.text.embeddings import load_embeddings
+from ldm.text.prompts import used_embeddings
 
 
 def apply_loras(model: LatentDiffusion, requests: list[tuple[Path, float]]) -> str | None:
@@ -153,9 +154,10 @@ def png_bytes(image: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None)
     return buffer.getvalue()
 
 
-# img2img's settings in the "parameters" line (A1111's names; its img2img writes "Denoising strength").
+# img2img's settings in the "parameters" line (A1111's names; its img2img writes "Denoising strength"),
+# and A1111's record of the LoRAs and textual-inversion embeddings used ("name: shorthash, ...").
 IMG2IMG_LABELS = {"strength": "Denoising strength", "init_image": "Init image", "mask": "Mask",
-                  "lora_hashes": "Lora hashes"}  # and A1111's record of the LoRAs used
+                  "lora_hashes": "Lora hashes", "ti_hashes": "TI hashes"}
 
 
 def png_info(image: Image.Image, params: dict[str, Any]) -> PngImagePlugin.PngInfo:
@@ -167,6 +169,14 @@ def png_info(image: Image.Image, params: dict[str, Any]) -> PngImagePlugin.PngIn
     info.add_text("parameters", parameters_text(image, params))
     info.add_text("ldm", json.dumps(record, sort_keys=True))
     return info
+
+
+def with_ti_hashes(model: LatentDiffusion, image: Image.Image, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` plus "ti_hashes" (A1111's "TI hashes": "name: shorthash, ...") of the textual-inversion embeddings
+    that the image's prompt or negative prompt names; `params` itself when they name none."""
+    prompts = [image.info["prompt"], image.info.get("negative_prompt") or ""]
+    used = used_embeddings(model.text_encoder, prompts) if model.text_encoder is not None else {}
+    return {**params, "ti_hashes": ", ".join(f"{name}: {digest}" for name, digest in used.items())} if used else params
 
 
 def parameters_text(image: Image.Image, params: dict[str, Any]) -> str:
@@ -249,14 +259,16 @@ def run(args: argparse.Namespace, model: LatentDiffusion, device: torch.device, 
                       **({"deep_cache": args.deep_cache} if getattr(args, "deep_cache", 1) > 1 else {}),
                       **recorded_options(args)}
             for image in images:  # numbered on from `index`, past any name another process took meanwhile
-                path, index = save_numbered(sample_dir, "{:05d}.png", index, png_bytes(image, png_info(image, params)))
+                data = png_bytes(image, png_info(image, with_ti_hashes(model, image, params)))
+                path, index = save_numbered(sample_dir, "{:05d}.png", index, data)
                 written.append(path)
                 index += 1
             if args.grid and len(images) > 1:
                 grid = make_grid(images, columns=args.n_samples if len(prompts) > 1 else min(len(images), 4))
                 # The grid carries its first image's parameters, as A1111's grids do.
                 grid_path, _ = save_numbered(outdir, "grid-{:04d}.png", next_index(outdir, r"grid-(\d+)\.png"),
-                                             png_bytes(grid, png_info(images[0], params)))
+                                             png_bytes(grid, png_info(images[0], with_ti_hashes(model, images[0],
+                                                                                                params))))
                 written.append(grid_path)
     finally:
         bar.close()

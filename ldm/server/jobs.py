@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from common.errors import InputError
 from ldm import samplers
 from ldm.cli import generation_precision
-from ldm.cli.generate import lora_requests, parameters_text, png_bytes, png_info, save_numbered
+from ldm.cli.generate import lora_requests, parameters_text, png_bytes, png_info, save_numbered, with_ti_hashes
 from ldm.images import open_image, to_rgb, to_uint8
 from ldm.pipeline import LAST_SEED, MAX_SEED, native_size
 from ldm.server.a1111 import A1111_NAMES, GenerationRequest, Img2ImgRequest, parse_infotext, resolve_sampler
@@ -254,8 +254,9 @@ def _response(plan, model, models, images, size, sampled, lora_hashes, *, interr
         if image.size != size:
             info, image = image.info, image.resize(size, Image.LANCZOS)
             image.info.update(info)
-        data = png_bytes(image, png_info(image, params))
-        infotexts.append(parameters_text(image, params))
+        image_params = with_ti_hashes(model, image, params)
+        data = png_bytes(image, png_info(image, image_params))
+        infotexts.append(parameters_text(image, image_params))
         if request.send_images:
             encoded.append(base64.b64encode(data).decode("ascii"))
         if request.save_images and outdir is not None:
