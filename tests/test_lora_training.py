@@ -159,7 +159,8 @@ def test_train_ldm_writes_a_kohya_lora_that_diffusers_loads(shards, tmp_path):
     assert "LoRA (rank 4, alpha 8)" in result.stdout
     with open(run / "metrics.csv", newline="") as f:
         assert all(math.isfinite(float(r["loss"])) for r in csv.DictReader(f))
-    assert not (run / "model.safetensors").exists() and not (run / "checkpoints").exists()
+    assert not (run / "model.safetensors").exists()  # the base model is never copied, in checkpoints neither
+    assert {p.name for p in (run / "checkpoints").rglob("*.safetensors")} == {"lora.safetensors", "lora_ema.safetensors"}
     path = run / "lora.safetensors"
     model = ldm.load_model(folder)
     x, t, context, _ = inputs()
@@ -181,3 +182,39 @@ def test_train_ldm_writes_a_kohya_lora_that_diffusers_loads(shards, tmp_path):
         assert (ours - base).abs().max() > 1e-3
         close(ours, unet(x, t, encoder_hidden_states=context).sample)
         close(model.text_encoder.encode_tokens(tokens)[0], text(tokens).last_hidden_state)
+
+
+def test_a_resumed_lora_run_repeats_the_uninterrupted_one(shards, tmp_path):
+    """A LoRA run's checkpoints keep the adapters, their EMA, the optimizer and each rank's data position and RNG
+    (not the frozen model): stopped at step 2 and --resumed, the run sees the same samples and ends with the
+    same adapters as one that never stopped. Other LoRA options, or none, are refused in one line."""
+    from test_train_ldm import FAST, train
+
+    common = ["--data", shards, "--lora-rank", "2", "--lora-alpha", "4", *FAST, "train.ckpt_every=2", "train.lr=1e-2",
+              "train.log_sample_keys=true", "train.caption_dropout=0.5"]
+    train("--out", str(tmp_path / "straight"), "--max-steps", "5", *common)
+    train("--out", str(tmp_path / "resumed"), "--max-steps", "2", *common)
+    folder = tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["COMPLETE", "lora.safetensors", "lora_ema.safetensors",
+                                                        "train_state.pt"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 2 << 20  # the adapters, not the model
+    for wrong, message in ((["--lora-rank", "4"], "holds other adapters than this run attaches"),
+                           ([], "is a LoRA run's checkpoint: resume it with the run's --lora-rank")):
+        options = [a for a in common if a not in ("--lora-rank", "2", "--lora-alpha", "4")]
+        result = train("--out", str(tmp_path / "resumed"), "--max-steps", "5", "--resume", *options, *wrong,
+                       check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and message in lines[-1] and "Traceback" not in result.stderr, result.stderr
+    result = train("--out", str(tmp_path / "resumed"), "--max-steps", "5", "--resume", *common)
+    assert "resumed at step 2" in result.stdout
+    straight = (tmp_path / "straight" / "sample_keys" / "rank0.tsv").read_text().splitlines()
+    resumed = (tmp_path / "resumed" / "sample_keys" / "rank0.tsv").read_text().splitlines()
+    assert len(straight) == 5 and resumed == straight  # keys and adapter checksums, line for line
+    a, b = (ldm_tensors(tmp_path / run / "lora.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(torch.any(v) for k, v in a.items() if "lora_up" in k)  # the adapters did train
+
+
+def ldm_tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

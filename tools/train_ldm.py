@@ -22,7 +22,9 @@ checkpoints/step_*/ and, at the end, model.safetensors (EMA weights; ldm.load_mo
 With train.eval_every=N, every N steps rank 0 also scores the EMA weights' prompt adherence (a classifier's
 eval_accuracy, CLIP's eval_clip_score and eval_clip_accuracy; ldm/training/evaluation.py) into the same logs.
 With --lora-rank the model (--init PATH, or the config's) stays frozen and only LoRA adapters train
-(ldm/lora/training.py); each checkpoint and the end write lora.safetensors (kohya format; model.load_lora reads it).
+(ldm/lora/training.py); each checkpoint and the end write lora.safetensors (kohya format; model.load_lora reads it),
+and the checkpoints (adapters, their EMA, optimizer, data position) let --resume go on exactly, given the same
+--init and LoRA options.
 """
 from __future__ import annotations
 
@@ -89,7 +91,9 @@ def train(args: argparse.Namespace) -> None:
     from ldm.training.checkpoints import (
         checkpoint_to_resume,
         export_ema,
+        restore_lora_checkpoint,
         restore_training_checkpoint,
+        save_lora_checkpoint,
         save_training_checkpoint,
         saved_resume,
     )
@@ -126,7 +130,10 @@ def train(args: argparse.Namespace) -> None:
     optimizer = make_optimizer(params, cfg, world.device)
     scaler, autocast = mixed_precision(cfg.precision, world.device)
     step, resume = 0, {}
-    if resume_from is not None:
+    if resume_from is not None and lora:
+        step = restore_lora_checkpoint(resume_from, lora, trainable, ema, optimizer, scaler)
+        resume = saved_resume(resume_from)
+    elif resume_from is not None:
         restore = restore_sharded_checkpoint if cfg.fsdp else restore_training_checkpoint
         step = restore(resume_from, trainable, ema, optimizer, scaler)
         resume = saved_resume(resume_from)  # per rank: the data position and the RNG state
@@ -194,13 +201,17 @@ def train(args: argparse.Namespace) -> None:
                     record.samples(step, sample_images(*parts, cfg))
                 if parts and eval_now:
                     record.evaluation(step, evaluator.evaluate(*parts))  # no collectives
-        if lora and world.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-            save_kohya(out / "lora.safetensors", lora)
-        elif not lora and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             resume = {"data": gather_per_rank(data.state(), world), "rng": gather_per_rank(rng_state(world.device), world)}
-            save = save_sharded_checkpoint if cfg.fsdp else save_training_checkpoint
-            save(ckpt_root, step, model, net, ema, optimizer, scaler, keep=cfg.keep_checkpoints, is_main=world.is_main,
-                 resume=resume)
+            if lora:
+                save_lora_checkpoint(ckpt_root, step, lora, trainable, ema, optimizer, scaler,
+                                     keep=cfg.keep_checkpoints, is_main=world.is_main, resume=resume)
+                if world.is_main:
+                    save_kohya(out / "lora.safetensors", lora)
+            else:
+                save = save_sharded_checkpoint if cfg.fsdp else save_training_checkpoint
+                save(ckpt_root, step, model, net, ema, optimizer, scaler, keep=cfg.keep_checkpoints,
+                     is_main=world.is_main, resume=resume)
     record.close()
     if world.is_main and lora:
         print(f"done: {step} steps; LoRA (rank {lora.rank}, alpha {lora.alpha:g}) in {out / 'lora.safetensors'}")

@@ -209,15 +209,12 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def check_lora_arguments(args: argparse.Namespace) -> None:
-    """The LoRA options' combinations: alpha and --lora-text-encoder need --lora-rank; no --resume (yet)."""
+    """The LoRA options' combinations: alpha and --lora-text-encoder need --lora-rank."""
     if args.lora_rank is None:
         if args.lora_alpha is not None or args.lora_text_encoder:
             raise InputError("--lora-alpha and --lora-text-encoder go with --lora-rank R")
         return
     if args.lora_rank < 1:
         raise InputError(f"--lora-rank must be a whole number >= 1, got {args.lora_rank}")
-    if args.resume:
-        raise InputError("--resume is not supported with --lora-rank: start a new run (OUT/lora.safetensors holds "
-                         "the adapters of the last checkpoint)")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)

@@ -8,6 +8,9 @@ a full disk removes the partial folder at once and raises `DiskFullError`. `--re
 of the newest checkpoint (sizes against the marker, each file against its own header) and falls back
 to an older one when they are damaged, saying which was skipped and why.
 
+A LoRA run (`--lora-rank`) keeps only what it trains: the adapters in kohya's layout (`lora.safetensors`),
+their EMA (`lora_ema.safetensors`) and `train_state.pt`; the frozen model is its --init's, not copied.
+
 Under train.fsdp a checkpoint folder holds a `torch.distributed.checkpoint` directory written by every rank
 instead of the safetensors files (ldm/training/sharded.py); the marker lists the files of the whole tree.
 """
@@ -34,6 +37,7 @@ from common.checkpoint import (
     save_pickle,
 )
 from common.errors import InputError
+from ldm.lora.training import LoraNetwork
 from ldm.model import LatentDiffusion
 from ldm.training.distributed import full_tensors, lost_peer, state_of
 from ldm.training.ema import EMA
@@ -42,6 +46,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _PARTIAL_DIR = re.compile(r"^\.tmp-step_\d{8}$")
 MARKER = "COMPLETE"
 RESUME_FILE = "resume.pt"  # a sharded checkpoint's per-rank data positions and RNG states
+LORA_FILE, LORA_EMA_FILE = "lora.safetensors", "lora_ema.safetensors"  # a LoRA run's checkpoint
 
 
 def step_dir_name(step: int) -> str:
@@ -285,6 +290,9 @@ def _merged_state(model: LatentDiffusion, trainable: dict[str, torch.Tensor]) ->
 
 def restore_training_checkpoint(folder: Path, trainable: nn.Module, ema: EMA, optimizer, scaler) -> int:
     """Load raw weights, EMA, optimizer and scaler; returns the step. Every rank reads the same files."""
+    if not (folder / "model.safetensors").is_file() and (folder / LORA_FILE).is_file():
+        raise InputError(f"{folder} is a LoRA run's checkpoint: resume it with the run's --lora-rank (and "
+                         "--lora-alpha, --lora-text-encoder, --init), or choose a new --out")
     if not (folder / "model.safetensors").is_file() and (folder / "dcp").is_dir():
         raise InputError(f"{folder} is a sharded checkpoint (written with train.fsdp=true): resume it with "
                          "train.fsdp=true, or export it: tools/convert_checkpoint.py FOLDER OUT.safetensors")
@@ -296,6 +304,58 @@ def restore_training_checkpoint(folder: Path, trainable: nn.Module, ema: EMA, op
     ema_tensors, _ = read_checkpoint(folder / "ema.safetensors")
     state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
     ema.load_state_dict({k: ema_tensors[k] for k in ema.shadow})
+    ema.num_updates = int(state["ema_num_updates"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def save_lora_checkpoint(root: Path, step: int, network: LoraNetwork, trainable: nn.Module, ema: EMA,
+                         optimizer: torch.optim.Optimizer, scaler, *, keep: int, is_main: bool,
+                         resume: dict | None = None) -> None:
+    """A LoRA run's checkpoint, written by rank 0 while every rank waits: the adapters (kohya layout, as the
+    run's `lora.safetensors`), the EMA of the trained parameters and `train_state.pt` (optimizer, scaler,
+    EMA count, each rank's data position and RNG state). The frozen weights' EMA is the weights themselves."""
+    if is_main:
+        trained = [name for name, p in trainable.named_parameters() if p.requires_grad]
+
+        def write(folder: Path) -> None:
+            save_checkpoint(folder / LORA_FILE, network.state_dict(), {**network.metadata(), "step": str(step)},
+                            ours=False)
+            save_checkpoint(folder / LORA_EMA_FILE, {name: ema.shadow[name].detach().cpu() for name in trained},
+                            {"step": str(step)})
+            save_pickle(folder / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
+                                                    "scaler": scaler.state_dict(), "ema_num_updates": ema.num_updates,
+                                                    "resume": resume or {}})
+
+        write_checkpoint_dir(root, step, write, keep=keep)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@torch.no_grad()
+def restore_lora_checkpoint(folder: Path, network: LoraNetwork, trainable: nn.Module, ema: EMA, optimizer,
+                            scaler) -> int:
+    """Load a LoRA run's checkpoint into the adapters just attached (same rank, alpha and targets, else a one-line
+    InputError); returns the step."""
+    if not (folder / LORA_FILE).is_file():
+        raise InputError(f"{folder} is the checkpoint of a full training run, not of a LoRA run: resume it "
+                         "without --lora-rank, or choose a new --out")
+    tensors, _ = read_checkpoint(folder / LORA_FILE)
+    expected = network.state_dict()
+    differs = sorted(set(tensors) ^ set(expected)) or [k for k, v in expected.items() if tensors[k].shape != v.shape
+                                                       or (k.endswith(".alpha") and not torch.equal(tensors[k], v))]
+    if differs:
+        raise InputError(f"{folder / LORA_FILE} holds other adapters than this run attaches (first: {differs[0]}): "
+                         f"resume with the run's --lora-rank, --lora-alpha, --lora-text-encoder and --init")
+    for name, (down, up) in network.modules.items():
+        down.copy_(tensors[f"{name}.lora_down.weight"])
+        up.copy_(tensors[f"{name}.lora_up.weight"])
+    shadows, _ = read_checkpoint(folder / LORA_EMA_FILE)
+    for name, p in trainable.named_parameters():
+        if p.requires_grad:
+            ema.shadow[name].copy_(shadows[name])
+    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
     ema.num_updates = int(state["ema_num_updates"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
