@@ -46,6 +46,24 @@ def test_ema_follows_the_formula():
     torch.testing.assert_close(model.weight, start + 1.0)  # restored
 
 
+def test_ema_of_the_trained_parameters_only():
+    """A LoRA run's EMA (`trained_only`): the frozen weights get no shadow, are never touched, and the trained
+    ones follow the same formula as in a full EMA."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    full, trained = EMA(model, decay=0.9, warmup=False), EMA(model, decay=0.9, warmup=False, trained_only=True)
+    assert set(trained.shadow) == {"1.weight", "1.bias"} and len(full.shadow) == 4
+    frozen = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    full.update(model, step=0)
+    trained.update(model, step=0)
+    assert torch.equal(trained.shadow["1.weight"], full.shadow["1.weight"])
+    with trained.applied_to(model):
+        assert torch.equal(model[1].weight, full.shadow["1.weight"]) and torch.equal(model[0].weight, frozen)
+    assert torch.equal(model[0].weight, frozen)
+
+
 def test_ema_warmup_and_start_step():
     ema = EMA(nn.Linear(1, 1), decay=0.999, start_step=5)
     assert ema.current_decay(0) == 0.0  # before start_step the shadow copies the weights

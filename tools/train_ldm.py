@@ -125,7 +125,8 @@ def train(args: argparse.Namespace) -> None:
     train_text = args.lora_text_encoder if lora else bool(getattr(model.text_encoder, "trainable", False))
     trainable = Trainable(model.denoiser, model.text_encoder if train_text else None).to(world.device)
     net = parallel(trainable, cfg, world, lora=lora is not None)
-    ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start, warmup=cfg.ema_warmup)  # FSDP: of shards
+    ema = EMA(trainable, decay=cfg.ema_decay, start_step=cfg.ema_start, warmup=cfg.ema_warmup,
+              trained_only=lora is not None)  # FSDP: of shards; LoRA: of the adapters
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, world.device)
     scaler, autocast = mixed_precision(cfg.precision, world.device)

@@ -19,14 +19,22 @@ class EMA:
     and so are the shadows, each rank averaging its own shard (`_foreach_lerp_` and `copy_` run on
     DTensors shard by shard, with no communication); `ldm.training.sharded` gathers them to sample,
     export or save.
+
+    `trained_only`: shadow only the parameters that require gradients (a LoRA run: the adapters, not the
+    frozen model, whose average is itself); the others are left as they are by `copy_to` / `applied_to`.
     """
 
-    def __init__(self, model: nn.Module, *, decay: float = 0.999, start_step: int = 0, warmup: bool = True):
+    def __init__(self, model: nn.Module, *, decay: float = 0.999, start_step: int = 0, warmup: bool = True,
+                 trained_only: bool = False):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay, self.start_step, self.warmup = decay, start_step, warmup
         self.num_updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()
+                       if p.requires_grad or not trained_only}
+
+    def _named(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(name, p) for name, p in model.named_parameters() if name in self.shadow]
 
     def current_decay(self, step: int) -> float:
         if step < self.start_step:
@@ -40,14 +48,14 @@ class EMA:
         decay = self.current_decay(step)
         if step >= self.start_step:
             self.num_updates += 1
-        named = list(model.named_parameters())
+        named = self._named(model)
         # One multi-tensor kernel instead of a lerp per parameter (same arithmetic).
         torch._foreach_lerp_([self.shadow[name] for name, _ in named], [p.detach().float() for _, p in named],
                              1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
+        for name, p in self._named(model):
             p.copy_(self.shadow[name])
 
     @contextlib.contextmanager
@@ -56,16 +64,16 @@ class EMA:
         are the shadows themselves (`ldm.training.sharded.ema_weights`' gathered copy) is used as it is, with
         no backup copy."""
         if all(type(p.data) is torch.Tensor and p.data_ptr() == self.shadow[name].data_ptr()
-               for name, p in model.named_parameters()):
+               for name, p in self._named(model)):
             yield model
             return
-        backup = {name: p.detach().clone() for name, p in model.named_parameters()}
+        backup = {name: p.detach().clone() for name, p in self._named(model)}
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
-                for name, p in model.named_parameters():
+                for name, p in self._named(model):
                     p.copy_(backup[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
