@@ -138,8 +138,9 @@ def create_app(models: Models, worker: Worker, limits: Limits, *, precision: str
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
         current: Progress | None = worker.current
-        state = {"skipped": current is not None and current.job.skipped.is_set(), "interrupted": worker.last_interrupted if current is None else
-                 current.job.interrupted.is_set(), "stopping_generation": False,
+        state = {"skipped": current is not None and current.job.skipped.is_set(),
+                 "interrupted": worker.last_interrupted if current is None else current.job.interrupted.is_set(),
+                 "stopping_generation": False,
                  "job": "" if current is None else f"{current.job.name} #{current.job.number}",
                  "job_count": worker.waiting + (current is not None), "job_timestamp": "", "job_no": worker.completed,
                  "sampling_step": current.done if current else 0, "sampling_steps": current.steps if current else 0}
