@@ -46,9 +46,9 @@ def model():
     return model_from_training_config({**read_yaml(CONFIG)["model"], "random_autoencoder": True}).eval()
 
 
-def train(*args, config=CONFIG, check=True):
-    cmd = [sys.executable, str(REPO / "tools" / "train_ldm.py"), "--config", str(config), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+def train(*args, config=CONFIG, check=True, launcher=(sys.executable,), env=None):
+    cmd = [*launcher, str(REPO / "tools" / "train_ldm.py"), "--config", str(config), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -198,3 +198,27 @@ def test_buckets_serve_an_sd_style_model_too(mixed_shards, tmp_path):
     for line in (run / "sample_keys" / "rank0.tsv").read_text().splitlines():
         keys = line.split("\t")[1].split(",")
         assert len({nearest_bucket(buckets, *shape_of_key(key)) for key in keys}) == 1, line
+
+
+def test_buckets_under_ddp_keep_each_batch_in_one_bucket_and_the_ranks_in_sync(mixed_shards, tmp_path):
+    """Two processes (torchrun, gloo): each rank batches its own samples by bucket, so the ranks may train on
+    different shapes in one step; the all-reduced gradients keep their weights identical after every step."""
+    import os
+
+    run = tmp_path / "run"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    train("--data", mixed_shards, "--out", run, "--max-steps", 4, *FAST, "train.buckets=true",
+          "train.log_sample_keys=true", "train.ckpt_every=4", config=REPO / "configs/ldm/tiny.yaml",
+          launcher=torchrun, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    buckets = make_buckets(32, multiple=8)
+    logs = [(run / "sample_keys" / f"rank{r}.tsv").read_text().splitlines() for r in (0, 1)]
+    assert len(logs[0]) == len(logs[1]) == 4
+    shapes = []
+    for line0, line1 in zip(*logs):
+        (step0, keys0, sum0), (step1, keys1, sum1) = line0.split("\t"), line1.split("\t")
+        assert step0 == step1 and sum0 == sum1  # the same weights on both ranks after every step
+        per_rank = [{nearest_bucket(buckets, *shape_of_key(k)) for k in keys.split(",")} for keys in (keys0, keys1)]
+        assert all(len(bucket) == 1 for bucket in per_rank), (line0, line1)  # one bucket per batch
+        shapes.append(per_rank)
+    assert len({b for pair in shapes for rank in pair for b in rank}) > 1  # more than one shape was trained on
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000004"
