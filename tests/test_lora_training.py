@@ -218,3 +218,42 @@ def test_a_resumed_lora_run_repeats_the_uninterrupted_one(shards, tmp_path):
 def ldm_tensors(path) -> dict[str, torch.Tensor]:
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_sdxl_adapters_use_kohya_sdxl_names_and_load_back(tmp_path):
+    """On an SDXL-layout model (configs/ldm/tiny-sdxl.yaml) the adapters are named as kohya's sdxl_train_network
+    names them (the UNet by sgm's paths, `lora_te1_` / `lora_te2_` for the two towers), and the saved file gives
+    the in-training model's context, pooled vector and denoiser output through `load_lora`."""
+    raw = read_yaml(REPO / "configs/ldm/tiny-sdxl.yaml")
+    torch.manual_seed(0)
+    model = model_from_training_config({**raw["model"], "random_autoencoder": True}).eval()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    network = attach_lora(model, 4, 4.0, text_encoder=True)
+    names = list(network.modules)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k" in names  # tiny-sdxl: attention from level 1
+    assert not any(name.startswith("lora_unet_down_blocks") for name in names)
+    assert {name.split("_text_model")[0] for name in names if "_te" in name} == {"lora_te1", "lora_te2"}
+    assert sum(name.startswith("lora_te2_") for name in names) == sum(name.startswith("lora_te1_") for name in names)
+    with torch.no_grad():
+        for _, up in network.modules.values():
+            up.normal_(std=0.05)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+
+    def outputs():
+        with torch.no_grad():
+            cond = model.text_encoder.condition(["red apple", "a blue heart"], image_size=(64, 64))
+            return cond["context"], cond["y"], model.denoiser(x, t, cond["context"], y=cond["y"])
+
+    adapted = outputs()
+    path = tmp_path / "sdxl-lora.safetensors"
+    save_kohya(path, network)
+    detach_lora(model, network)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base_state.items())
+    base = outputs()
+    report = model.load_lora(path)
+    assert report.matched_keys == report.total_keys and not report.unmatched
+    loaded = outputs()
+    for a, b, c in zip(adapted, base, loaded):
+        assert (a - b).abs().max() > 1e-3  # the adapters change every output
+        close(c, a, atol=1e-5)

@@ -222,3 +222,27 @@ def test_buckets_under_ddp_keep_each_batch_in_one_bucket_and_the_ranks_in_sync(m
         shapes.append(per_rank)
     assert len({b for pair in shapes for rank in pair for b in rank}) > 1  # more than one shape was trained on
     assert latest_checkpoint(run / "checkpoints").name == "step_00000004"
+
+
+def test_a_lora_on_an_sdxl_model_trains_both_towers_and_the_unet(mixed_shards, tmp_path):
+    """train_ldm.py --lora-rank --lora-text-encoder on the SDXL layout: the kohya file names the UNet by sgm's
+    paths and both text towers (te1, te2), every adapter trained, and the model loads it back completely."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    result = train("--data", mixed_shards, "--out", run, "--max-steps", 3, "--lora-rank", 2, "--lora-text-encoder",
+                   *FAST, "train.lr=1e-2", "train.warmup_steps=1", "train.ckpt_every=3")
+    assert "LoRA (rank 2, alpha 2)" in result.stdout
+    tensors = load_file(run / "lora.safetensors")
+    components = {key.split("_")[1] for key in tensors}
+    assert components == {"unet", "te1", "te2"}
+    ups = {key: v for key, v in tensors.items() if key.endswith("lora_up.weight")}
+    # every adapter moved from its zero start but CLIP-L's last layer, which SDXL does not read (its context is the
+    # penultimate layer's, and its pooled vector is bigG's): kohya's files have those at zero too
+    unread = {k for k in ups if k.startswith("lora_te1_text_model_encoder_layers_1_")}
+    assert len(unread) == 6 and all(not torch.any(ups[k]) for k in unread)
+    assert all(torch.any(v) for k, v in ups.items() if k not in unread)
+    torch.manual_seed(0)
+    model = model_from_training_config({**read_yaml(CONFIG)["model"], "random_autoencoder": True})
+    report = model.load_lora(run / "lora.safetensors")
+    assert report.matched_keys == report.total_keys == len(tensors) and not report.unmatched

@@ -12,7 +12,9 @@ fused in_proj of an open_clip attention: q / k / v are rows of it) sees W_eff. T
 ones `ldm.lora.keys.lora_targets` names, by the flattened diffusers / Hugging Face CLIP names kohya writes,
 so `save_kohya` writes `lora_unet_<diffusers path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`
 (and `lora_te_text_model_...`), the file `model.load_lora`, A1111, ComfyUI and diffusers' `load_lora_weights`
-read. `detach_lora(model, network)` removes the adapters and leaves the base weights as they were.
+read. An SDXL model is named as kohya's `sdxl_train_network.py` names it: the UNet by sgm's paths
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), the two text towers `lora_te1_` (CLIP ViT-L)
+and `lora_te2_` (OpenCLIP bigG, q / k / v as rows of its fused in_proj). `detach_lora(model, network)` removes the adapters and leaves the base weights as they were.
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ from ldm.lora.keys import Target, lora_targets
 
 UNET_MODULES = re.compile(r"(down_blocks|mid_block|up_blocks)_.*transformer_blocks_\d+_"
                           r"(attn[12]_to_(q|k|v|out_0)|ff_net_0_proj|ff_net_2)")
+SGM_UNET_MODULES = re.compile(r"(input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)_transformer_blocks_\d+_"
+                              r"(attn[12]_to_(q|k|v|out_0)|ff_net_0_proj|ff_net_2)")  # the same, by sgm's paths
 TEXT_MODULES = re.compile(r"text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])")
-KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_"}
+TEXT_TOWERS = ("te", "te1", "te2")  # SD 1.x / 2.x's one tower; SDXL's CLIP ViT-L and OpenCLIP bigG
 
 
 class LoraDelta(nn.Module):
@@ -107,20 +111,23 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, *, text_encoder: bool
     model.requires_grad_(False)
     targets = lora_targets(model)
     chosen: dict[str, Target] = {}
-    unet = {name: t for name, t in targets.get("unet", {}).items() if UNET_MODULES.fullmatch(name)}
+    sdxl = "te" not in targets and ("te1" in targets or "te2" in targets)
+    pattern = SGM_UNET_MODULES if sdxl else UNET_MODULES
+    unet = {name: t for name, t in targets.get("unet", {}).items() if pattern.fullmatch(name)}
     if not unet:
         raise InputError("LoRA training needs a UNet denoiser with transformer blocks (no attention projection "
                          "of this model's denoiser has a diffusers name)")
-    chosen.update({KOHYA_PREFIX["unet"] + name: t for name, t in unet.items()})
+    chosen.update({"lora_unet_" + name: t for name, t in unet.items()})
     if text_encoder:
-        if "te" not in targets:
-            raise InputError("--lora-text-encoder: this model's text encoder is not one CLIP-style tower (SDXL's "
-                             "two towers are not supported here)")
-        text = {name: t for name, t in targets["te"].items() if TEXT_MODULES.fullmatch(name)}
-        if not text:
-            raise InputError("--lora-text-encoder: this model's text encoder has no CLIP-layout attention or MLP "
-                             "projections")
-        chosen.update({KOHYA_PREFIX["te"] + name: t for name, t in text.items()})
+        towers = [component for component in TEXT_TOWERS if component in targets]
+        if not towers:
+            raise InputError("--lora-text-encoder: this model's text encoder is not a CLIP-style tower")
+        for component in towers:
+            text = {name: t for name, t in targets[component].items() if TEXT_MODULES.fullmatch(name)}
+            if not text:
+                raise InputError("--lora-text-encoder: this model's text encoder has no CLIP-layout attention or "
+                                 "MLP projections")
+            chosen.update({f"lora_{component}_" + name: t for name, t in text.items()})
     network = LoraNetwork(rank, float(alpha))
     deltas: dict[str, LoraDelta] = {}
     for name in sorted(chosen, key=lambda n: (chosen[n].parameter, chosen[n].rows or (0, 0))):

@@ -48,6 +48,11 @@ def batch_sizes(conditioner: Conditioner, batch: Mapping[str, Any], device: torc
 def text_outputs(conditioner: Conditioner, captions: Sequence[str], device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(context [B, tokens, width], pooled [B, dim]) of `captions`, encoded (what encode_latents.py caches)."""
+    return _encoded(conditioner, captions, device)
+
+
+def _encoded(conditioner: Conditioner, captions: Sequence[str], device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     return conditioner.text_outputs([tower.tokenize(list(captions)).to(device) for tower in conditioner.towers])
 
 
@@ -62,7 +67,8 @@ def unconditional_text(conditioner: Conditioner) -> tuple[torch.Tensor, torch.Te
 def micro_conditioning(conditioner: Conditioner, batch: Mapping[str, Any], device: torch.device
                        ) -> dict[str, torch.Tensor]:
     """{"context", "y"} of a batch: its cached text outputs ("context", "pooled"; dropped rows already filled by
-    `collate_latents`) or its captions encoded now, and the Fourier features of its sizes."""
+    `collate_latents`) or its captions encoded now (with gradients where enabled: a conditioner trained with
+    LoRA adapters), and the Fourier features of its sizes."""
     sizes = batch_sizes(conditioner, batch, device)
     if batch.get("context") is not None:
         if batch.get("pooled") is None:
@@ -71,7 +77,7 @@ def micro_conditioning(conditioner: Conditioner, batch: Mapping[str, Any], devic
                              "model's config")
         context, pooled = batch["context"].to(device).float(), batch["pooled"].to(device).float()
     else:
-        context, pooled = text_outputs(conditioner, batch["caption"], device)
+        context, pooled = _encoded(conditioner, batch["caption"], device)
         if conditioner.config.zero_uncond:  # sgm: a dropped text embedding is multiplied by 0
             keep = torch.tensor([caption != "" for caption in batch["caption"]], device=device)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
@@ -89,6 +95,8 @@ def conditioned_model_fn(net: nn.Module, model: LatentDiffusion, batch: dict, *,
         if batch.get("context") is not None:
             cond = micro_conditioning(model.text_encoder, batch, device)
             return lambda x, t: net(x, t, context=cond["context"], y=cond["y"])
+        if train_text:  # inside `net`, on its own conditioner (DDP sees the text towers' gradients)
+            return lambda x, t: net(x, t, condition=lambda conditioner: micro_conditioning(conditioner, batch, device))
 
         def frozen_conditioner_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
