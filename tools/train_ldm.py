@@ -131,12 +131,12 @@ def train(args: argparse.Namespace) -> None:
     optimizer = make_optimizer(params, cfg, world.device)
     scaler, autocast = mixed_precision(cfg.precision, world.device)
     step, resume = 0, {}
-    if resume_from is not None and lora:
-        step = restore_lora_checkpoint(resume_from, lora, trainable, ema, optimizer, scaler)
-        resume = saved_resume(resume_from)
-    elif resume_from is not None:
-        restore = restore_sharded_checkpoint if cfg.fsdp else restore_training_checkpoint
-        step = restore(resume_from, trainable, ema, optimizer, scaler)
+    if resume_from is not None:
+        if lora:
+            step = restore_lora_checkpoint(resume_from, lora, ema, optimizer, scaler)
+        else:
+            restore = restore_sharded_checkpoint if cfg.fsdp else restore_training_checkpoint
+            step = restore(resume_from, trainable, ema, optimizer, scaler)
         resume = saved_resume(resume_from)  # per rank: the data position and the RNG state
     torch.manual_seed(cfg.seed + 7919 * world.rank + step)  # fresh runs, and resumes on another number of ranks
     # Cached latents must come from this model's autoencoder: each sample's autoencoder.json says which made it.
@@ -205,8 +205,8 @@ def train(args: argparse.Namespace) -> None:
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             resume = {"data": gather_per_rank(data.state(), world), "rng": gather_per_rank(rng_state(world.device), world)}
             if lora:
-                save_lora_checkpoint(ckpt_root, step, lora, trainable, ema, optimizer, scaler,
-                                     keep=cfg.keep_checkpoints, is_main=world.is_main, resume=resume)
+                save_lora_checkpoint(ckpt_root, step, lora, ema, optimizer, scaler, keep=cfg.keep_checkpoints,
+                                     is_main=world.is_main, resume=resume)
                 if world.is_main:
                     save_kohya(out / "lora.safetensors", lora)
             else:

@@ -14,7 +14,8 @@ so `save_kohya` writes `lora_unet_<diffusers path with _>.lora_down.weight` / `.
 (and `lora_te_text_model_...`), the file `model.load_lora`, A1111, ComfyUI and diffusers' `load_lora_weights`
 read. An SDXL model is named as kohya's `sdxl_train_network.py` names it: the UNet by sgm's paths
 (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), the two text towers `lora_te1_` (CLIP ViT-L)
-and `lora_te2_` (OpenCLIP bigG, q / k / v as rows of its fused in_proj). `detach_lora(model, network)` removes the adapters and leaves the base weights as they were.
+and `lora_te2_` (OpenCLIP bigG, q / k / v as rows of its fused in_proj). `detach_lora(model, network)` removes
+the adapters and leaves the base weights as they were.
 """
 from __future__ import annotations
 

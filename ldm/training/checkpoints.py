@@ -262,11 +262,25 @@ def write_training_checkpoint(root: Path, step: int, model: LatentDiffusion, tra
         ema_state = _merged_state(model, {k: v for k, v in ema.shadow.items()})
         save_checkpoint(folder / "ema.safetensors", ema_state,
                         {"kind": "latent_diffusion", "config": model.config.to_json(), "ema": "true", **meta})
-        save_pickle(folder / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
-                                                "scaler": scaler.state_dict(), "ema_num_updates": ema.num_updates,
-                                                "resume": resume or {}})
+        _save_train_state(folder, step, ema, optimizer, scaler, resume)
 
     return write_checkpoint_dir(root, step, write, keep=keep)
+
+
+def _save_train_state(folder: Path, step: int, ema: EMA, optimizer, scaler, resume: dict | None) -> None:
+    """`train_state.pt`: the step, optimizer, grad scaler, EMA update count and every rank's `resume`."""
+    save_pickle(folder / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
+                                            "scaler": scaler.state_dict(), "ema_num_updates": ema.num_updates,
+                                            "resume": resume or {}})
+
+
+def _restore_train_state(folder: Path, ema: EMA, optimizer, scaler) -> int:
+    """Load `train_state.pt` into the optimizer, scaler and EMA count (after the EMA's shadows); the step."""
+    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+    ema.num_updates = int(state["ema_num_updates"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
 
 
 def save_training_checkpoint(root: Path, step: int, model: LatentDiffusion, net: nn.Module, ema: EMA,
@@ -302,31 +316,22 @@ def restore_training_checkpoint(folder: Path, trainable: nn.Module, ema: EMA, op
     load_state_dict_checked(target, {k: v for k, v in own.items() if k in target.state_dict()},
                             source=str(folder / "model.safetensors"))
     ema_tensors, _ = read_checkpoint(folder / "ema.safetensors")
-    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
     ema.load_state_dict({k: ema_tensors[k] for k in ema.shadow})
-    ema.num_updates = int(state["ema_num_updates"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+    return _restore_train_state(folder, ema, optimizer, scaler)
 
 
-def save_lora_checkpoint(root: Path, step: int, network: LoraNetwork, trainable: nn.Module, ema: EMA,
-                         optimizer: torch.optim.Optimizer, scaler, *, keep: int, is_main: bool,
-                         resume: dict | None = None) -> None:
+def save_lora_checkpoint(root: Path, step: int, network: LoraNetwork, ema: EMA, optimizer: torch.optim.Optimizer,
+                         scaler, *, keep: int, is_main: bool, resume: dict | None = None) -> None:
     """A LoRA run's checkpoint, written by rank 0 while every rank waits: the adapters (kohya layout, as the
-    run's `lora.safetensors`), the EMA of the trained parameters and `train_state.pt` (optimizer, scaler,
-    EMA count, each rank's data position and RNG state). The frozen weights' EMA is the weights themselves."""
+    run's `lora.safetensors`), their EMA (`EMA(trained_only=True)`: the frozen weights' average is the weights
+    themselves) and `train_state.pt` (optimizer, scaler, EMA count, each rank's data position and RNG state)."""
     if is_main:
-        trained = [name for name, p in trainable.named_parameters() if p.requires_grad]
-
         def write(folder: Path) -> None:
             save_checkpoint(folder / LORA_FILE, network.state_dict(), {**network.metadata(), "step": str(step)},
                             ours=False)
-            save_checkpoint(folder / LORA_EMA_FILE, {name: ema.shadow[name].detach().cpu() for name in trained},
+            save_checkpoint(folder / LORA_EMA_FILE, {name: v.detach().cpu() for name, v in ema.shadow.items()},
                             {"step": str(step)})
-            save_pickle(folder / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
-                                                    "scaler": scaler.state_dict(), "ema_num_updates": ema.num_updates,
-                                                    "resume": resume or {}})
+            _save_train_state(folder, step, ema, optimizer, scaler, resume)
 
         write_checkpoint_dir(root, step, write, keep=keep)
     if torch.distributed.is_initialized():
@@ -334,8 +339,7 @@ def save_lora_checkpoint(root: Path, step: int, network: LoraNetwork, trainable:
 
 
 @torch.no_grad()
-def restore_lora_checkpoint(folder: Path, network: LoraNetwork, trainable: nn.Module, ema: EMA, optimizer,
-                            scaler) -> int:
+def restore_lora_checkpoint(folder: Path, network: LoraNetwork, ema: EMA, optimizer, scaler) -> int:
     """Load a LoRA run's checkpoint into the adapters just attached (same rank, alpha and targets, else a one-line
     InputError); returns the step."""
     if not (folder / LORA_FILE).is_file():
@@ -352,14 +356,8 @@ def restore_lora_checkpoint(folder: Path, network: LoraNetwork, trainable: nn.Mo
         down.copy_(tensors[f"{name}.lora_down.weight"])
         up.copy_(tensors[f"{name}.lora_up.weight"])
     shadows, _ = read_checkpoint(folder / LORA_EMA_FILE)
-    for name, p in trainable.named_parameters():
-        if p.requires_grad:
-            ema.shadow[name].copy_(shadows[name])
-    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
-    ema.num_updates = int(state["ema_num_updates"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+    ema.load_state_dict({name: shadows[name] for name in ema.shadow})
+    return _restore_train_state(folder, ema, optimizer, scaler)
 
 
 def export_ema(path: Path, model: LatentDiffusion, ema: EMA, *, is_main: bool = True) -> None:
